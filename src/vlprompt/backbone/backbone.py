@@ -1,0 +1,127 @@
+"""The :class:`Backbone`: an open_clip CLIP with promptable towers, its tokenizer and transforms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlprompt.backbone.loading import create_clip
+from vlprompt.backbone.plan import PromptPlan
+from vlprompt.backbone.towers import TextTower, VisionTower
+
+
+class Backbone(nn.Module):
+    """A frozen-by-default CLIP whose towers accept prompt plans.
+
+    ``encode_image`` / ``encode_text`` return unnormalised projected embeddings unless
+    ``normalize=True``. Without prompts they match open_clip's own encoders.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Callable[..., Tensor],
+        preprocess_train: Callable | None = None,
+        preprocess_val: Callable | None = None,
+        name: str = "",
+        pretrained: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess_train = preprocess_train
+        self.preprocess_val = preprocess_val
+        self.name = name
+        self.pretrained = pretrained
+        self.vision = VisionTower(model.visual)
+        self.text = TextTower(model)
+
+    # ---- facts about the architecture -------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Dimension of the joint embedding space."""
+        return int(self.vision.visual.output_dim)
+
+    @property
+    def vision_width(self) -> int:
+        return self.vision.width
+
+    @property
+    def text_width(self) -> int:
+        return self.text.width
+
+    @property
+    def context_length(self) -> int:
+        return self.text.context_length
+
+    @property
+    def image_size(self) -> int:
+        size = self.vision.visual.image_size
+        return int(size[0] if isinstance(size, tuple | list) else size)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """``exp(logit_scale)`` of the model (100 for OpenAI CLIP)."""
+        return self.model.logit_scale.exp()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    # ---- encoding ---------------------------------------------------------------------------
+    def tokenize(self, texts: str | Sequence[str]) -> Tensor:
+        """Token ids ``[N, context_length]`` on the model's device."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def encode_image(
+        self, images: Tensor, prompts: PromptPlan | None = None, normalize: bool = False
+    ) -> Tensor:
+        """Embed images ``[B, 3, H, W]`` (or frames ``[B, T, 3, H, W]``) under an optional prompt plan."""
+        out = self.vision(images.to(self.device), prompts).pooled
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def encode_text(
+        self, texts: str | Sequence[str] | Tensor, prompts: PromptPlan | None = None, normalize: bool = False
+    ) -> Tensor:
+        """Embed strings or token ids ``[N, L]`` under an optional prompt plan."""
+        tokens = texts.to(self.device) if isinstance(texts, Tensor) else self.tokenize(texts)
+        out = self.text(tokens, prompts).pooled
+        return F.normalize(out, dim=-1) if normalize else out
+
+    def freeze(self) -> Backbone:
+        """Freeze every CLIP weight (the usual starting point of prompt methods)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in both towers."""
+        self.vision.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+
+def load_backbone(
+    name: str = "vlprompt-tiny",
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> Backbone:
+    """Load an open_clip model as a :class:`Backbone`.
+
+    Args:
+        name: open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo``, ``local-dir:/path`` or an embedded
+            model (``vlprompt-tiny``, ``vlprompt-small``).
+        pretrained: open_clip tag (``openai``, ``laion2b_s34b_b79k``), a checkpoint path, ``world`` for the
+            embedded models' weights, or None for random initialisation.
+        device: where to put the model.
+        precision: open_clip precision (``fp32``, ``bf16``, ``fp16``, ``amp``, ...).
+    """
+    model, pre_train, pre_val = create_clip(name, pretrained, device=device, precision=precision)
+    tokenizer = open_clip.get_tokenizer(name)
+    return Backbone(model, tokenizer, pre_train, pre_val, name=name, pretrained=pretrained)

@@ -1,0 +1,256 @@
+"""Promptable towers: explicit per-block loops over open_clip's vision and text transformers.
+
+With an empty :class:`PromptPlan` they reproduce open_clip's ``encode_image`` / ``encode_text`` to
+float tolerance (tested). Attention runs through ``scaled_dot_product_attention`` so that prefix
+tokens and extra masks cost nothing when unused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vlprompt.backbone.plan import PromptPlan, batched, insert_tokens, write_tokens
+
+
+@dataclass
+class TowerOutput:
+    """Pooled, projected embedding ``[B, E]`` and, when asked for, all final tokens ``[B, L, D]``."""
+
+    pooled: Tensor
+    tokens: Tensor | None = None
+
+
+def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool masks (True = may attend) become additive 0 / -inf masks."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def combine_masks(*masks: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Sum of the given additive (or bool) masks; None when there are none."""
+    present = [_to_additive(m, dtype) for m in masks if m is not None]
+    if not present:
+        return None
+    out = present[0]
+    for m in present[1:]:
+        out = out + m
+    return out
+
+
+def causal_mask(length: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Additive causal mask ``[L, L]``: -inf above the diagonal."""
+    return torch.full((length, length), float("-inf"), device=device, dtype=dtype).triu_(1)
+
+
+def run_block(
+    block: nn.Module,
+    x: Tensor,
+    attn_mask: Tensor | None = None,
+    prefix: tuple[Tensor, Tensor] | None = None,
+    is_causal: bool = False,
+) -> Tensor:
+    """One residual attention block on ``x`` ``[B, L, D]`` with optional key/value prefix tokens."""
+    if not isinstance(block, ResidualAttentionBlock) or getattr(block, "ln_1_kv", None) is not None:
+        if prefix is not None:
+            raise NotImplementedError(f"prefix prompts need standard attention blocks, not {type(block).__name__}")
+        if is_causal:
+            attn_mask = combine_masks(causal_mask(x.shape[1], x.device, x.dtype), attn_mask, dtype=x.dtype)
+        return block(x, attn_mask=attn_mask)
+
+    attn: nn.MultiheadAttention = block.attn
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    h = block.ln_1(x)
+    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    if prefix is not None:
+        pk, pv = (batched(p.to(x.dtype), batch) for p in prefix)
+        k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
+        n_prefix = pk.shape[1]
+        if is_causal:  # prefix keys stay visible to every query
+            attn_mask = combine_masks(causal_mask(length, x.device, x.dtype), attn_mask, dtype=x.dtype)
+            is_causal = False
+        if attn_mask is not None:
+            attn_mask = _to_additive(attn_mask, x.dtype)
+            attn_mask = F.pad(attn_mask, (n_prefix, 0), value=0.0)
+    elif is_causal and attn_mask is not None:
+        attn_mask = combine_masks(causal_mask(length, x.device, x.dtype), attn_mask, dtype=x.dtype)
+        is_causal = False
+
+    def heads_first(t: Tensor) -> Tensor:
+        return t.reshape(batch, t.shape[1], heads, width // heads).transpose(1, 2)
+
+    if attn_mask is not None:
+        attn_mask = _to_additive(attn_mask, q.dtype)
+        if attn_mask.dim() == 3:  # [B, L, S] -> broadcast over heads
+            attn_mask = attn_mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(
+        heads_first(q),
+        heads_first(k),
+        heads_first(v),
+        attn_mask=attn_mask,
+        dropout_p=attn.dropout if block.training else 0.0,
+        is_causal=is_causal,
+    )
+    out = F.linear(out.transpose(1, 2).reshape(batch, length, width), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(out)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+class _Tower(nn.Module):
+    """Shared per-block loop; subclasses prepare the sequence and pool it."""
+
+    blocks: nn.ModuleList
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward to save memory."""
+        self.grad_checkpointing = enable
+
+    def _run_blocks(self, x: Tensor, plan: PromptPlan, base_mask: Tensor | None, is_causal: bool) -> Tensor:
+        if plan.max_layer() >= self.num_layers:
+            raise ValueError(f"prompt plan touches layer {plan.max_layer()}, tower has {self.num_layers} blocks")
+        mask = combine_masks(base_mask, plan.attn_mask, dtype=x.dtype)
+        for layer, block in enumerate(self.blocks):
+            if layer > 0 or not getattr(self, "layer0_is_embedding", False):
+                if layer in plan.replace:
+                    x = write_tokens(x, plan.replace[layer], plan.start, "replace")
+                if layer in plan.add:
+                    x = write_tokens(x, plan.add[layer], plan.start, "add")
+            prefix = plan.prefix.get(layer)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(run_block, block, x, mask, prefix, is_causal, use_reentrant=False)
+            else:
+                x = run_block(block, x, mask, prefix, is_causal)
+        return x
+
+
+class VisionTower(_Tower):
+    """open_clip ``VisionTransformer`` as an explicit loop that accepts a prompt plan.
+
+    Inputs are images ``[B, 3, H, W]`` or frames ``[B, T, 3, H, W]`` (batched as ``B*T``; the pooled
+    output is then ``[B, T, E]``).
+    """
+
+    def __init__(self, visual: nn.Module) -> None:
+        super().__init__()
+        if not hasattr(visual, "transformer") or not hasattr(visual, "conv1"):
+            raise TypeError(f"prompt plans need an open_clip VisionTransformer, got {type(visual).__name__}")
+        self.visual = visual
+        self.blocks = visual.transformer.resblocks
+        self.width: int = visual.transformer.width
+
+    def embed(self, images: Tensor, plan: PromptPlan | None = None) -> Tensor:
+        """Patch + class + positional embeddings, with layer-0 inserted prompts; ``[B, L, D]``."""
+        v = self.visual
+        x = v.conv1(images.to(v.conv1.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype)
+        x = v.patch_dropout(x)
+        if plan is not None and plan.insert is not None and plan.insert_before_ln_pre:
+            x = insert_tokens(x, plan.insert, plan.start)
+        x = v.ln_pre(x)
+        if plan is not None and plan.insert is not None and not plan.insert_before_ln_pre:
+            x = insert_tokens(x, plan.insert, plan.start)
+        return x
+
+    def forward(self, images: Tensor, plan: PromptPlan | None = None, return_tokens: bool = False) -> TowerOutput:
+        """Encode images (or frames) under ``plan``."""
+        frames = images.shape[1] if images.dim() == 5 else 0
+        if frames:
+            images = images.flatten(0, 1)
+        plan = plan or PromptPlan()
+        x = self.embed(images, plan)
+        x = self._run_blocks(x, plan, None, is_causal=False)
+        pooled, tokens = self.visual._pool(x)
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        if frames:
+            pooled = pooled.unflatten(0, (-1, frames))
+        return TowerOutput(pooled, x if return_tokens else None)
+
+
+class TextTower(_Tower):
+    """open_clip's text transformer (CLIP or a custom-text ``TextTransformer``) as an explicit loop.
+
+    Since attention is causal and pooling reads the end-of-text token, everything after the last
+    end-of-text position in the batch is dropped before the blocks: identical results, much less work
+    (77-token contexts usually hold a dozen real tokens).
+    """
+
+    layer0_is_embedding = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        src = getattr(model, "text", None) or model
+        if getattr(src, "cls_emb", None) is not None or not hasattr(src, "token_embedding"):
+            raise TypeError(f"prompt plans need an open_clip CLIP text transformer, got {type(src).__name__}")
+        if getattr(src, "use_pad_mask", False):
+            raise TypeError("text towers with padding masks are not supported yet")
+        self.src = src
+        self.blocks = src.transformer.resblocks
+        self.width: int = src.transformer.width
+        self.pool_type: str = getattr(src, "text_pool_type", None) or getattr(src, "pool_type", "argmax")
+        self.eos_id: int | None = getattr(src, "text_eos_id", None) or getattr(src, "eos_id", None)
+        self.causal = getattr(src, "attn_mask", None) is not None
+        self.context_length: int = src.positional_embedding.shape[0]
+
+    def token_embedding(self, tokens: Tensor) -> Tensor:
+        """Word embeddings of token ids, ``[B, L, D]`` (no positional embedding)."""
+        return self.src.token_embedding(tokens)
+
+    def pool_positions(self, tokens: Tensor) -> Tensor:
+        """Index of the pooled (end-of-text) token per row."""
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        if self.pool_type == "last":
+            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, device=tokens.device)
+        return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+
+    def forward(self, tokens: Tensor, plan: PromptPlan | None = None, return_tokens: bool = False) -> TowerOutput:
+        """Encode token ids ``[B, L]`` under ``plan``."""
+        plan = plan or PromptPlan()
+        src = self.src
+        positions = self.pool_positions(tokens)
+        if self.causal and self.pool_type in ("argmax", "eos") and plan.attn_mask is None and not return_tokens:
+            keep = max(int(positions.max()) + 1, plan.start + max(_span(plan), 0))
+            tokens = tokens[:, :keep]
+        cast = src.transformer.get_cast_dtype()
+        x = self.token_embedding(tokens).to(cast)
+        if 0 in plan.replace:
+            x = write_tokens(x, plan.replace[0], plan.start, "replace")
+        if 0 in plan.add:
+            x = write_tokens(x, plan.add[0], plan.start, "add")
+        x = x + src.positional_embedding[: x.shape[1]].to(cast)
+        if plan.insert is not None:
+            x = insert_tokens(x, plan.insert, plan.start)
+            positions = positions + (positions >= plan.start).long() * plan.num_inserted
+        x = self._run_blocks(x, plan, None, is_causal=self.causal)
+        x = src.ln_final(x)
+        pooled = x[torch.arange(x.shape[0], device=x.device), positions]
+        proj = src.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return TowerOutput(pooled, x if return_tokens else None)
+
+
+def _span(plan: PromptPlan) -> int:
+    """Length of the longest replaced/added span (so truncation never cuts a prompt)."""
+    spans = [t.shape[-2] for t in (*plan.replace.values(), *plan.add.values())]
+    return max(spans, default=0)

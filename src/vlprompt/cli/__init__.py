@@ -1,0 +1,1 @@
+"""The ``vlprompt`` command line: one console script, one module per subcommand."""

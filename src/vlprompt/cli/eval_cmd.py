@@ -1,0 +1,24 @@
+"""``vlprompt eval RUN_DIR_OR_CONFIG [key=value ...]``: evaluate a trained run or a config (zero-shot)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vlprompt.cli.common import print_metrics
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a run directory or a config", description=__doc__)
+    p.add_argument("target", help="a run directory (uses its config.yaml and last checkpoint) or a YAML config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="which annotation file to evaluate")
+    p.add_argument("--json", action="store_true", help="print metrics as JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlprompt.engine.runner import evaluate_target
+
+    metrics = evaluate_target(args.target, args.overrides, args.split)
+    print_metrics(metrics, args.json, title=f"{args.target} ({args.split})")
+    return 0

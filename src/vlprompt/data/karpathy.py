@@ -1,0 +1,196 @@
+"""Karpathy/ALBEF JSON image-text retrieval annotations (COCO, Flickr30K as shipped by ALBEF, BLIP and LAVIS).
+
+Two record shapes, both a JSON list of objects with extra keys allowed:
+
+- train: one record per image-caption pair, ``{"image": "rel/path.jpg", "caption": "...", "image_id": "..."}``;
+- val/test: one record per image, ``{"image": "rel/path.jpg", "caption": ["c1", "c2", ...]}``.
+
+Both readers accept both shapes: training expands caption lists into pairs, evaluation groups pairs by image.
+Images are identified by their resolved path (ALBEF keys training images by ``image_id``; for the published
+files the two agree).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from vlprompt.data.media import BadSamples, Transform, drop_missing, load_or_skip, log
+from vlprompt.errors import DataError
+
+Record = dict[str, Any]
+RecordFilter = Callable[[Record], bool]
+
+
+def read_annotations(ann_file: str | os.PathLike) -> list[Record]:
+    """Read and validate a Karpathy/ALBEF JSON file; any problem is a DataError naming file and record."""
+    ann_file = Path(ann_file)
+    try:
+        text = ann_file.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise DataError(f"annotation file not found: {ann_file}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read annotation file {ann_file}: {e}") from e
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{ann_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    if not isinstance(records, list):
+        raise DataError(f"{ann_file}: expected a JSON list of records, got {type(records).__name__}")
+    for i, rec in enumerate(records):
+        problem = _record_problem(rec)
+        if problem:
+            raise DataError(f"{ann_file}: record {i}: {problem}")
+    return records
+
+
+def _record_problem(rec: Any) -> str | None:
+    if not isinstance(rec, dict):
+        return f"expected an object, got {type(rec).__name__}"
+    for key in ("image", "caption"):
+        if key not in rec:
+            return f"missing key {key!r}"
+    if not isinstance(rec["image"], str) or not rec["image"]:
+        return f"'image' must be a non-empty string, got {rec['image']!r}"
+    cap = rec["caption"]
+    if isinstance(cap, list):
+        if not cap:
+            return "'caption' is an empty list"
+        bad = [c for c in cap if not isinstance(c, str)]
+        if bad:
+            return f"'caption' list must hold strings, found {type(bad[0]).__name__}"
+    elif not isinstance(cap, str):
+        return f"'caption' must be a string or a list of strings, got {type(cap).__name__}"
+    return None
+
+
+def _captions(rec: Record) -> list[str]:
+    cap = rec["caption"]
+    return list(cap) if isinstance(cap, list) else [cap]
+
+
+def _load_kept(
+    ann_file: str | os.PathLike, image_root: str | os.PathLike, strict: bool, filter: RecordFilter | None
+) -> tuple[list[tuple[Path, Record]], BadSamples]:
+    """Records that pass the filter and whose image exists, each with its resolved path."""
+    records = read_annotations(ann_file)
+    if filter is not None:
+        records = [r for r in records if filter(r)]
+    root = Path(image_root)
+    # Path's "/" keeps an absolute right-hand side as-is, which is exactly the rule for absolute image paths.
+    resolved = [(root / r["image"], r) for r in records]
+    bad = BadSamples()
+    missing = drop_missing((p for p, _ in resolved), bad, strict, source=str(ann_file))
+    kept = [(p, r) for p, r in resolved if p not in missing]
+    if not kept:
+        why = "the filter kept no records" if not records else f"none of the images exist under {root}"
+        raise DataError(f"{ann_file}: no usable records ({why})")
+    if missing:
+        # A wrong image_root shows up as many missing files; say where we looked.
+        n_images = len({p for p, _ in resolved})
+        log.warning("%s: %d of %d images missing (image_root=%s)", ann_file, len(missing), n_images, root)
+    return kept, bad
+
+
+class ImageTextPairs(Dataset):
+    """Training pairs: item = (image, caption, image_index), where image_index numbers unique images.
+
+    ``filter`` sees each raw record (e.g. ``lambda r: r["category"] == task`` for one continual task). A sample
+    whose image fails to decode comes back as ``None``; use :func:`~vlprompt.data.collate.collate_skip_none`.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_root: str | os.PathLike,
+        transform: Transform | None,
+        strict: bool = False,
+        filter: RecordFilter | None = None,
+    ) -> None:
+        kept, self.bad_samples = _load_kept(ann_file, image_root, strict, filter)
+        self.transform = transform
+        self.strict = strict
+        index: dict[Path, int] = {}
+        self.pairs: list[tuple[int, str]] = []
+        for path, rec in kept:
+            img = index.setdefault(path, len(index))
+            self.pairs.extend((img, c) for c in _captions(rec))
+        self.image_paths: list[Path] = list(index)
+
+    @property
+    def num_images(self) -> int:
+        """Number of distinct images behind the pairs."""
+        return len(self.image_paths)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> tuple[Any, str, int] | None:
+        img, caption = self.pairs[i]
+        image = load_or_skip(self.image_paths[img], self.transform, self.bad_samples, self.strict)
+        return None if image is None else (image, caption, img)
+
+
+@dataclass
+class RetrievalGallery:
+    """An evaluation set: images, all captions, and the ground-truth links in both directions."""
+
+    image_paths: list[Path]
+    captions: list[str]
+    txt2img: list[int]  # caption index -> its image index
+    img2txt: list[list[int]]  # image index -> its caption indices
+    records: list[Record]  # per image: the raw record, or the first one with all captions if pairs were grouped
+    bad_samples: BadSamples = field(default_factory=BadSamples)
+
+    @property
+    def num_images(self) -> int:
+        """Number of gallery images."""
+        return len(self.image_paths)
+
+
+def load_gallery(
+    ann_file: str | os.PathLike,
+    image_root: str | os.PathLike,
+    strict: bool = False,
+    filter: RecordFilter | None = None,
+) -> RetrievalGallery:
+    """Read a val/test file (or a train file, grouped by image) into a RetrievalGallery."""
+    kept, bad = _load_kept(ann_file, image_root, strict, filter)
+    # Missing images were dropped above, so numbering here is dense and both link lists agree by construction.
+    groups: dict[Path, list[Record]] = {}
+    for path, rec in kept:
+        groups.setdefault(path, []).append(rec)
+    captions: list[str] = []
+    txt2img: list[int] = []
+    img2txt: list[list[int]] = []
+    records: list[Record] = []
+    for img, recs in enumerate(groups.values()):
+        caps = [c for r in recs for c in _captions(r)]
+        img2txt.append(list(range(len(captions), len(captions) + len(caps))))
+        captions.extend(caps)
+        txt2img.extend([img] * len(caps))
+        records.append(recs[0] if len(recs) == 1 else {**recs[0], "caption": caps})
+    return RetrievalGallery(list(groups), captions, txt2img, img2txt, records, bad)
+
+
+class GalleryImages(Dataset):
+    """The gallery's images: item = (image, image_index), or None if the file fails to decode."""
+
+    def __init__(self, gallery: RetrievalGallery, transform: Transform | None, strict: bool = False) -> None:
+        self.gallery = gallery
+        self.transform = transform
+        self.strict = strict
+        self.bad_samples = gallery.bad_samples  # shared, so one report covers construction and loading
+
+    def __len__(self) -> int:
+        return self.gallery.num_images
+
+    def __getitem__(self, i: int) -> tuple[Any, int] | None:
+        image = load_or_skip(self.gallery.image_paths[i], self.transform, self.bad_samples, self.strict)
+        return None if image is None else (image, i)

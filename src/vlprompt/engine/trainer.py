@@ -1,0 +1,192 @@
+"""The training loop: one config in, a run directory with metrics and checkpoints out.
+
+Resumable at optimizer-step granularity: the data order of every epoch is a pure function of
+``(seed, epoch)``, and checkpoints carry the optimizer, scheduler and RNG states, so a resumed run
+ends with the same metrics as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from vlprompt.backbone import load_backbone
+from vlprompt.config import Config
+from vlprompt.data import ImageTextPairs, collate_skip_none, load_gallery
+from vlprompt.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from vlprompt.engine.evaluate import autocast_context, evaluate_retrieval
+from vlprompt.engine.progress import TrainProgress
+from vlprompt.engine.rundir import append_metrics, prepare_run_dir, run_dir_for, write_json
+from vlprompt.errors import ConfigError
+from vlprompt.methods import Method, build_method
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def data_path(cfg: Config, value: str) -> Path:
+    """Annotation paths resolve against ``data.root`` unless absolute."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or not cfg.data.root else Path(cfg.data.root) / path
+
+
+def build_model(cfg: Config, device: torch.device) -> Method:
+    """Backbone + method from the config."""
+    backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, device=device, precision=cfg.backbone.precision)
+    method = build_method(cfg.method, backbone).to(device)
+    if cfg.train.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
+    return method
+
+
+def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters."""
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay to zero (or constant)."""
+    warmup = cfg.train.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.train.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled sample order of one epoch (a pure function, so resuming replays it exactly)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_items, generator=generator).tolist()
+
+
+class _Interrupt(Exception):
+    """Raised by tests to simulate a kill at a given step."""
+
+
+def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = None) -> dict[str, Any]:
+    """Train ``cfg``'s method; returns the final metrics (also written to ``RUN_DIR/metrics.json``)."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give an annotation file to train on (or use `vlprompt eval`)")
+    device = resolve_device(cfg.device)
+    run_dir = run_dir_for(cfg)
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if not cfg.resume and latest_checkpoint(run_dir) is not None:
+        raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose another run_name")
+    prepare_run_dir(cfg)
+    seed_everything(cfg.seed)
+
+    method = build_model(cfg, device)
+    backbone = method.backbone
+    train_set = ImageTextPairs(data_path(cfg, cfg.data.train), cfg.data.root, backbone.preprocess_train, strict=cfg.data.strict)
+    val = load_gallery(data_path(cfg, cfg.data.val), cfg.data.root, strict=cfg.data.strict) if cfg.data.val else None
+
+    t = cfg.train
+    micro_per_epoch = len(train_set) // t.batch_size
+    steps_per_epoch = micro_per_epoch // t.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(train_set)} training pairs give no full step of batch {t.batch_size} x {t.grad_accum}")
+    total_steps = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
+    params = method.trainable_parameters()
+    if not params:
+        raise ConfigError(f"method {cfg.method.get('name')!r} has nothing to train; use `vlprompt eval` instead")
+    optimizer = make_optimizer(cfg, params)
+    schedule = make_schedule(cfg, optimizer, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.autocast == "fp16")
+
+    step, epoch, micro_done = 0, 0, 0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, method)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        scaler.load_state_dict(state["scaler"])
+        step, epoch, micro_done = state["step"], state["epoch"], state["micro_done"]
+        set_rng_state(state["rng"])
+
+    def checkpoint_now() -> None:
+        save_checkpoint(run_dir, method, {
+            "step": step, "epoch": epoch, "micro_done": micro_done, "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+        })
+
+    counts = method.parameter_counts()
+    start = time.perf_counter()
+    display = TrainProgress(total_steps, enabled=progress)
+    display.advance_to(step)
+    with display:
+        while epoch < t.epochs and step < total_steps:
+            method.train()
+            order = epoch_order(len(train_set), cfg.seed, epoch)[micro_done * t.batch_size :]
+            loader = DataLoader(train_set, batch_size=t.batch_size, sampler=order, drop_last=True,
+                                num_workers=cfg.data.num_workers, collate_fn=collate_skip_none)
+            for batch in loader:
+                micro_done += 1
+                if batch is not None:
+                    images, captions, _ = batch
+                    tokens = method.tokenize(captions)
+                    with autocast_context(device, t.autocast):
+                        loss = method(images.to(device), tokens) / t.grad_accum
+                    scaler.scale(loss).backward()
+                    display.record(loss.item() * t.grad_accum, len(captions))
+                if micro_done % t.grad_accum:
+                    continue
+                if t.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+                step += 1
+                display.step(step, schedule.get_last_lr()[0])
+                if interrupt_at_step is not None and step == interrupt_at_step:
+                    raise _Interrupt(f"interrupted at step {step}")
+                if t.checkpoint_every and step % t.checkpoint_every == 0:
+                    checkpoint_now()
+                if step >= total_steps:
+                    break
+            epoch, micro_done = epoch + 1, 0
+            finished = epoch >= t.epochs or step >= total_steps
+            if val is not None and (finished or (t.eval_every and epoch % t.eval_every == 0)):
+                metrics = evaluate_retrieval(method, val, backbone.preprocess_val, t.eval_batch_size, t.autocast)
+                append_metrics(run_dir, {"epoch": epoch, "step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+                display.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "R@1" in k))
+            checkpoint_now()
+
+    result: dict[str, Any] = {"params": counts, "steps": step, "train_seconds": round(time.perf_counter() - start, 2)}
+    if val is not None:
+        result["val"] = evaluate_retrieval(method, val, backbone.preprocess_val, t.eval_batch_size, t.autocast)
+    if cfg.data.test:
+        test = load_gallery(data_path(cfg, cfg.data.test), cfg.data.root, strict=cfg.data.strict)
+        result["test"] = evaluate_retrieval(method, test, backbone.preprocess_val, t.eval_batch_size, t.autocast)
+    bad = train_set.bad_samples
+    if bad:
+        result["bad_samples"] = bad.as_dict()
+    write_json(run_dir / "metrics.json", result)
+    return result

@@ -1,0 +1,125 @@
+"""The method interface: which prompts, how they enter the backbone, the loss and the inference rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from torch import Tensor, nn
+
+from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.registry import Registry
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register_method(name: str):
+    """Class decorator: register a :class:`Method` subclass under ``name`` (what configs refer to)."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.add(name, cls)
+        return cls
+
+    return deco
+
+
+@dataclass
+class MethodOptions:
+    """Options every method accepts (subclasses add their own fields)."""
+
+
+@dataclass
+class Plans:
+    """The prompt plans of one forward pass; computed once per step and shared by all samples."""
+
+    image: PromptPlan | None = None
+    text: PromptPlan | None = None
+
+
+class Method(nn.Module):
+    """Base class of retrieval methods on a CLIP backbone.
+
+    Subclasses set ``Options`` (a dataclass), build their prompt modules in ``__init__`` and override
+    :meth:`plans`. The backbone is frozen here; a subclass unfreezes what it trains.
+    """
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = MethodOptions
+    #: Placeholder words put before each caption; their positions receive learned context (CoOp style).
+    placeholder: ClassVar[str] = "X"
+
+    def __init__(self, backbone: Backbone, options: Any = None) -> None:
+        super().__init__()
+        self.backbone = backbone.freeze()
+        self.options = options if options is not None else self.Options()
+        self.n_placeholders = 0
+        self.loss_fn = ClipLoss()
+
+    # ---- prompts ------------------------------------------------------------------------------
+    def plans(self) -> Plans:
+        """Prompt plans for the current parameters (none for zero-shot)."""
+        return Plans()
+
+    # ---- encoding ----------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """Token ids, with placeholder words in front when the method learns text context."""
+        if self.n_placeholders:
+            prefix = " ".join([self.placeholder] * self.n_placeholders) + " "
+            texts = [prefix + t for t in texts]
+        return self.backbone.tokenize(list(texts))
+
+    def encode_image(self, images: Tensor, plans: Plans | None = None) -> Tensor:
+        """L2-normalised image embeddings ``[B, E]``."""
+        plans = plans if plans is not None else self.plans()
+        return F.normalize(self.backbone.encode_image(images, plans.image), dim=-1)
+
+    def encode_text(self, texts: Sequence[str] | Tensor, plans: Plans | None = None) -> Tensor:
+        """L2-normalised text embeddings ``[N, E]`` of strings or already-tokenized ids."""
+        plans = plans if plans is not None else self.plans()
+        tokens = texts if isinstance(texts, Tensor) else self.tokenize(texts)
+        return F.normalize(self.backbone.encode_text(tokens, plans.text), dim=-1)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        """Similarity scale used by the loss (CLIP's own, frozen unless the method trains it)."""
+        return self.backbone.logit_scale
+
+    # ---- training ----------------------------------------------------------------------------
+    def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
+        """Symmetric InfoNCE loss of a batch of matched image-caption pairs."""
+        plans = self.plans()
+        img = self.encode_image(images, plans)
+        txt = self.encode_text(tokens, plans)
+        return self.loss_fn(img, txt, self.logit_scale)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimizer should update."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Only the trained tensors (what checkpoints hold)."""
+        names = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {n: t for n, t in self.state_dict().items() if n in names}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """``{"trainable": N, "total": M}`` (the frozen backbone included in the total)."""
+        unique = {id(p): p for p in self.parameters()}.values()
+        return {
+            "trainable": sum(p.numel() for p in unique if p.requires_grad),
+            "total": sum(p.numel() for p in unique),
+        }
+
+    def word_embeddings(self, words: str, n: int) -> Tensor | None:
+        """Embeddings of the first ``n`` tokens of ``words`` (CoOp's context init), or None if too short."""
+        tokens = self.backbone.tokenize([words])[0]
+        ids = tokens[1 : 1 + n]
+        end = int(self.backbone.text.pool_positions(tokens[None])[0])
+        if end - 1 < n:
+            return None
+        with torch.no_grad():
+            return self.backbone.text.token_embedding(ids).float()
