@@ -13,6 +13,7 @@ from pathlib import Path
 import open_clip
 import torch
 
+from vlprompt.backbone.embedded import load_embedded_weights
 from vlprompt.errors import WeightsUnavailableError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -52,18 +53,16 @@ def available_backbones() -> list[str]:
 
 def resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     """Turn ``pretrained`` into something open_clip accepts: None (random init), a tag or a file path."""
-    if name in EMBEDDED_MODELS and pretrained in (None, "", EMBEDDED_TAG):
-        if pretrained is None or pretrained == "":
-            return None
+    if not pretrained:
+        return None
+    if name in EMBEDDED_MODELS and pretrained == EMBEDDED_TAG:
         path = embedded_weights_path(name)
         if not path.exists():
             raise WeightsUnavailableError(
                 f"no pretrained weights for {name!r} at {path}. Create them with "
-                f"`vlprompt pretrain --model {name}` (a few minutes on CPU), or use pretrained=null for random init."
+                f"`vlprompt pretrain --model {name}` (see docs), or use backbone.pretrained=null for random init."
             )
         return str(path)
-    if not pretrained:
-        return None
     path = Path(pretrained).expanduser()
     if path.suffix in {".pt", ".pth", ".bin", ".safetensors"} or path.exists():
         if not path.exists():
@@ -80,10 +79,16 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
         hint = f" Did you mean: {', '.join(close)}?" if close else " See `vlprompt list backbones`."
         raise WeightsUnavailableError(f"unknown backbone architecture {name!r}.{hint}")
     weights = resolve_pretrained(name, pretrained)
+    embedded = name in EMBEDDED_MODELS and pretrained == EMBEDDED_TAG
     try:
-        return open_clip.create_model_and_transforms(name, pretrained=weights, device=device, precision=precision)
-    except (OSError, RuntimeError, ValueError) as err:
+        created = open_clip.create_model_and_transforms(
+            name, pretrained=None if embedded else weights, device=device, precision=precision
+        )
+    except Exception as err:  # open_clip surfaces download and unpickling failures as many exception types
         raise WeightsUnavailableError(_missing_weights_message(name, weights, err)) from err
+    if embedded:
+        load_embedded_weights(created[0], Path(weights))
+    return created
 
 
 def _missing_weights_message(name: str, tag: str | None, err: Exception) -> str:

@@ -16,10 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from vlprompt.config import load_config
     from vlprompt.engine.trainer import build_model
-
-    import torch
 
     cfg = load_config(args.config, args.overrides)
     counts = build_model(cfg, torch.device("cpu")).parameter_counts()

@@ -57,12 +57,17 @@ def build_model(cfg: Config, device: torch.device) -> Method:
     return method
 
 
-def make_optimizer(cfg: Config, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """AdamW or SGD over the trainable parameters."""
+def make_optimizer(cfg: Config, method: Method) -> torch.optim.Optimizer:
+    """AdamW or SGD over the trainable parameters; no weight decay on gains, biases and embeddings' scales."""
     t = cfg.train
+    decay, no_decay = [], []
+    for name, p in method.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
+    return torch.optim.AdamW(groups, lr=t.lr)
 
 
 def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -116,7 +121,7 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     params = method.trainable_parameters()
     if not params:
         raise ConfigError(f"method {cfg.method.get('name')!r} has nothing to train; use `vlprompt eval` instead")
-    optimizer = make_optimizer(cfg, params)
+    optimizer = make_optimizer(cfg, method)
     schedule = make_schedule(cfg, optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=t.autocast == "fp16")
 

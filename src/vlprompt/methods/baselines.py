@@ -31,11 +31,12 @@ class FullFinetune(Method):
     def __init__(self, backbone: Backbone, options: Any = None) -> None:
         super().__init__(backbone, options)
         model = self.backbone.model
-        groups = {"both": [model], "vision": [model.visual], "text": [m for n, m in model.named_children() if n != "visual"]}
-        if self.options.tower not in groups:
-            raise ValueError(f"finetune.tower must be one of {sorted(groups)}, got {self.options.tower!r}")
-        for module in groups[self.options.tower]:
-            for p in module.parameters():
+        towers = ("both", "vision", "text")
+        if self.options.tower not in towers:
+            raise ValueError(f"finetune.tower must be one of {towers}, got {self.options.tower!r}")
+        for name, p in model.named_parameters():
+            in_vision = name.startswith("visual.")
+            if self.options.tower == "both" or (self.options.tower == "vision") == in_vision:
                 p.requires_grad_(True)
         model.logit_scale.requires_grad_(self.options.train_logit_scale)
 

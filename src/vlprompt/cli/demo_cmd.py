@@ -1,0 +1,22 @@
+"""``vlprompt demo [--full]``: the embedded world end to end (what `make demo` runs)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run the embedded-world demo table and report", description=__doc__)
+    p.add_argument("--world", type=Path, default=Path("world"), help="world folder (built if missing)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and the report go")
+    p.add_argument("--full", action="store_true", help="every row (all shifted domains), not just the headline")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vlprompt.engine.demo import run_demo
+
+    run_demo(args.world, args.out, full=args.full, progress=not args.quiet)
+    return 0

@@ -1,0 +1,118 @@
+"""Pretraining the embedded tiny CLIPs on the world's base part (the recipe behind ``vlprompt pretrain``).
+
+Plain CLIP training from random initialisation with open_clip's symmetric contrastive loss, through
+the same training loop as every method (full fine-tuning of a random-init model), then exported in
+the compact embedded format with a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlprompt.backbone import load_backbone
+from vlprompt.backbone.embedded import save_embedded_weights
+from vlprompt.config import BackboneConfig, Config, DataConfig, TrainConfig
+from vlprompt.data import load_gallery
+from vlprompt.data.world import layout
+from vlprompt.engine.checkpoint import latest_checkpoint, load_trainable
+from vlprompt.engine.evaluate import evaluate_retrieval
+from vlprompt.engine.trainer import build_model, train
+from vlprompt.methods import build_method
+
+#: Words prompt methods use beyond the world's captions (CoOp's init, placeholders).
+EXTRA_TEXTS = ("a photo of a", "X X X X X X X X X X X X X X X X", "a picture of a")
+
+
+def world_texts(root: Path) -> list[str]:
+    """Every caption, class name and template text of a built world (for the sparse embedding)."""
+    texts: list[str] = list(EXTRA_TEXTS)
+    for folder in ("retrieval", "continual"):
+        for path in sorted((root / folder).glob("*.json")):
+            for record in json.loads(path.read_text()):
+                if isinstance(record, dict) and "caption" in record:
+                    cap = record["caption"]
+                    texts.extend(cap if isinstance(cap, list) else [cap])
+    video = layout.video_data_json(root)
+    if video.exists():
+        texts.extend(s["caption"] for s in json.loads(video.read_text())["sentences"])
+    classes = layout.classes_file(root)
+    if classes.exists():
+        meta = json.loads(classes.read_text())
+        names = [*meta.get("names", []), *meta.get("coarse_names", [])]
+        texts.extend(t.format(n) for t in meta.get("templates", ["{}"]) for n in names)
+    return texts
+
+
+def pretrain_config(model: str, world: Path, steps: int, batch_size: int, lr: float, seed: int, out_dir: Path) -> Config:
+    """The training config of the embedded pretraining recipe."""
+    return Config(
+        backbone=BackboneConfig(name=model, pretrained=None),
+        method={"name": "finetune"},
+        data=DataConfig(
+            root=str(world),
+            train=str(layout.base_retrieval_file(world, "train")),
+            val=str(layout.base_retrieval_file(world, "val")),
+        ),
+        train=TrainConfig(
+            epochs=10_000, max_steps=steps, batch_size=batch_size, eval_batch_size=512, lr=lr, weight_decay=0.1,
+            warmup_steps=max(1, steps // 20), eval_every=0, checkpoint_every=100,
+        ),
+        seed=seed,
+        device="cpu",
+        out_dir=str(out_dir),
+        run_name=f"pretrain-{model}",
+        resume=True,
+    )
+
+
+def zero_shot_report(model: str, weights: Path, world: Path) -> dict[str, Any]:
+    """Retrieval metrics of the exported model on the base val split and every test domain."""
+    backbone = load_backbone(model, str(weights))
+    method = build_method({"name": "zeroshot"}, backbone)
+    galleries = {"base_val": layout.base_retrieval_file(world, "val")}
+    galleries.update({f"test_{d}": layout.retrieval_file(world, "test", d) for d in layout.DOMAINS})
+    report = {}
+    for name, ann in galleries.items():
+        metrics = evaluate_retrieval(method, load_gallery(ann, world), backbone.preprocess_val, 512)
+        report[name] = {k: round(v, 2) for k, v in metrics.items() if "R@" in k or k == "rsum"}
+    return report
+
+
+def pretrain_embedded(
+    model: str, world: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int = 0,
+    runs_dir: Path = Path("runs"), progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain ``model`` on ``world``'s base part and write ``out/<model>.safetensors`` plus a model card."""
+    cfg = pretrain_config(model, world, steps, batch_size, lr, seed, runs_dir)
+    start = time.perf_counter()
+    result = train(cfg, progress=progress)
+    seconds = time.perf_counter() - start
+    method = build_model(cfg, torch.device("cpu"))
+    run_dir = runs_dir / cfg.run_name
+    load_trainable(latest_checkpoint(run_dir) / "trainable.safetensors", method)
+    clip = method.backbone.model
+    tokenizer = method.backbone.tokenizer
+    keep = torch.unique(tokenizer(world_texts(world))).tolist()
+    manifest = json.loads(layout.manifest_file(world).read_text())
+    meta = {
+        "model": model, "steps": str(steps), "batch_size": str(batch_size), "lr": str(lr), "seed": str(seed),
+        "world_seed": str(manifest.get("seed")), "world_size": str(manifest.get("size")),
+        "world_version": str(manifest.get("version")),
+    }
+    weights = out / f"{model}.safetensors"
+    save_embedded_weights(clip, weights, keep, meta)
+    report = zero_shot_report(model, weights, world)
+    card = {
+        **meta, "train_seconds": round(seconds, 1), "kept_token_rows": len(keep),
+        "logit_scale": round(float(clip.logit_scale.exp()), 3), "final_val_during_training": result.get("val"),
+        "zero_shot": report,
+        "command": f"vlprompt pretrain --model {model} --world WORLD --steps {steps} --batch-size {batch_size} "
+                   f"--lr {lr} --seed {seed} --out {out}",
+    }
+    (out / f"{model}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return card

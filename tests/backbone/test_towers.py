@@ -1,0 +1,491 @@
+"""Promptable towers: empty plans reproduce open_clip; every plan operation matches a hand-written reference.
+
+References are written with open_clip's own modules (``blk(x, attn_mask=...)``, ``ln_pre``, ``ln_post``,
+``token_embedding`` ...) and manual token surgery, never with the towers' helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vlprompt
+from vlprompt.backbone import PromptPlan
+from vlprompt.backbone import towers as towers_module
+
+ATOL = 1e-5
+TEXTS = ["a", "a photo of a dog sitting on the grass next to a red ball", "two cats"]
+
+
+def _load(name: str) -> vlprompt.Backbone:
+    torch.manual_seed(0)
+    return vlprompt.load_backbone(name, pretrained=None).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny() -> vlprompt.Backbone:
+    """The embedded tiny CLIP, random init, frozen (vision: 65 tokens x 192, 4 blocks; text: 128 wide)."""
+    return _load("vlprompt-tiny").freeze()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> None:
+    assert a.shape == b.shape
+    diff = (a - b).abs().max().item()
+    assert diff <= atol, f"max abs diff {diff}"
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> None:
+    """The prompt must have a visible effect, otherwise a comparison proves nothing."""
+    assert (a - b).abs().max().item() > 1e-3
+
+
+# ---- references -------------------------------------------------------------------------------
+
+
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    """bool (True = may attend) -> additive float mask for nn.MultiheadAttention."""
+    return torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+
+
+def _causal(length: int) -> torch.Tensor:
+    return torch.full((length, length), float("-inf")).triu(1)
+
+
+def _insert(x: torch.Tensor, tokens: torch.Tensor, start: int = 1) -> torch.Tensor:
+    tokens = tokens if tokens.dim() == 3 else tokens.expand(x.shape[0], -1, -1)
+    return torch.cat([x[:, :start], tokens, x[:, start:]], dim=1)
+
+
+def _set(x: torch.Tensor, tokens: torch.Tensor, start: int = 1, add: bool = False) -> torch.Tensor:
+    x = x.clone()
+    n = tokens.shape[-2]
+    if add:
+        x[:, start : start + n] = x[:, start : start + n] + tokens
+    else:
+        x[:, start : start + n] = tokens
+    return x
+
+
+def manual_block(blk, x, prefix=None, mask=None):
+    """One open_clip ResidualAttentionBlock computed by hand, keys/values optionally prefixed."""
+    attn = blk.attn
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    hd = width // heads
+    h = blk.ln_1(x)
+    q, k, v = (h @ attn.in_proj_weight.T + attn.in_proj_bias).chunk(3, dim=-1)
+    n = 0
+    if prefix is not None:
+        pk, pv = (p if p.dim() == 3 else p.expand(batch, -1, -1) for p in prefix)
+        n = pk.shape[1]
+        k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
+
+    def split(t):
+        return t.reshape(batch, t.shape[1], heads, hd).transpose(1, 2)
+
+    scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(hd)
+    if mask is not None:
+        scores = scores + F.pad(mask, (n, 0), value=0.0)
+    out = (scores.softmax(dim=-1) @ split(v)).transpose(1, 2).reshape(batch, length, width)
+    x = x + attn.out_proj(out)
+    return x + blk.mlp(blk.ln_2(x))
+
+
+def ref_vision(bb, images, *, insert=None, before_ln_pre=False, replace=None, add=None, prefix=None, mask=None):
+    v = bb.model.visual
+    x = v.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([v.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + v.positional_embedding
+    if insert is not None and before_ln_pre:
+        x = _insert(x, insert)
+    x = v.ln_pre(x)
+    if insert is not None and not before_ln_pre:
+        x = _insert(x, insert)
+    for layer, blk in enumerate(v.transformer.resblocks):
+        if replace and layer in replace:
+            x = _set(x, replace[layer])
+        if add and layer in add:
+            x = _set(x, add[layer], add=True)
+        if prefix and layer in prefix:
+            x = manual_block(blk, x, prefix[layer], mask)
+        else:
+            x = blk(x, attn_mask=mask)
+    return v.ln_post(x[:, 0]) @ v.proj
+
+
+def ref_text(bb, tokens, *, replace=None, add=None, insert=None, prefix=None, extra_mask=None):
+    """Full-length (untruncated) text encoding; layer 0 replace/add act on word embeddings."""
+    m = bb.model
+    replace, add = replace or {}, add or {}
+    e = m.token_embedding(tokens)
+    if 0 in replace:
+        e = _set(e, replace[0])
+    if 0 in add:
+        e = _set(e, add[0], add=True)
+    x = e + m.positional_embedding
+    eot = tokens.argmax(dim=-1)
+    if insert is not None:
+        x = _insert(x, insert)
+        eot = eot + insert.shape[-2]
+    mask = _causal(x.shape[1])
+    if extra_mask is not None:
+        mask = mask + _additive(extra_mask)
+    for layer, blk in enumerate(m.transformer.resblocks):
+        if layer >= 1 and layer in replace:
+            x = _set(x, replace[layer])
+        if layer >= 1 and layer in add:
+            x = _set(x, add[layer], add=True)
+        if prefix and layer in prefix:
+            x = manual_block(blk, x, prefix[layer], mask)
+        else:
+            x = blk(x, attn_mask=mask)
+    x = m.ln_final(x)
+    return x[torch.arange(x.shape[0]), eot] @ m.text_projection
+
+
+# ---- 1. empty plans reproduce open_clip ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["vlprompt-tiny", "ViT-B-32", "ViT-B-16", "ViT-B-32-quickgelu"])
+def any_backbone(request) -> vlprompt.Backbone:
+    return _load(request.param)
+
+
+def test_empty_plan_reproduces_open_clip(any_backbone):
+    bb = any_backbone
+    if bb.name.endswith("quickgelu"):
+        assert isinstance(bb.model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    torch.manual_seed(1)
+    images = torch.randn(2 if bb.name == "vlprompt-tiny" else 1, 3, bb.image_size, bb.image_size)
+    long_text = " ".join(["word"] * 200)  # the tokenizer truncates it: end-of-text at the last position
+    batches = [bb.tokenize(TEXTS), bb.tokenize([TEXTS[0], long_text])]
+    assert int(batches[1][1].argmax()) == bb.context_length - 1
+    with torch.no_grad():
+        ours = bb.encode_image(images)
+        theirs = bb.model.encode_image(images)
+        assert theirs.abs().max() > 1e-2
+        _close(ours, theirs)
+        _close(bb.encode_image(images, PromptPlan()), theirs)
+        for tokens in batches:
+            theirs = bb.model.encode_text(tokens)
+            _close(bb.encode_text(tokens), theirs)
+            _close(bb.encode_text(tokens, PromptPlan()), theirs)
+
+
+def test_text_tower_truncates_after_last_end_of_text(tiny):
+    """Blocks see only up to the last end-of-text token, results equal the full-length computation."""
+    tokens = tiny.tokenize(TEXTS)
+    keep = int(tokens.argmax(dim=-1).max()) + 1
+    assert keep < tiny.context_length
+    seen = []
+    hook = tiny.text.blocks[0].ln_1.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    try:
+        with torch.no_grad():
+            out = tiny.text(tokens)
+            full = tiny.text(tokens, return_tokens=True)
+    finally:
+        hook.remove()
+    assert seen == [keep, tiny.context_length]
+    assert full.tokens.shape[1] == tiny.context_length
+    _close(out.pooled, full.pooled)
+    with torch.no_grad():
+        _close(out.pooled, ref_text(tiny, tokens))
+
+
+def test_manual_block_matches_open_clip_block(tiny):
+    """Sanity check of the hand-written reference itself: no prefix means the block's own result."""
+    blk = tiny.text.blocks[1]
+    x = torch.randn(2, 7, tiny.text_width)
+    mask = _causal(7)
+    with torch.no_grad():
+        _close(manual_block(blk, x, None, mask), blk(x, attn_mask=mask))
+        empty = (torch.zeros(0, tiny.text_width), torch.zeros(0, tiny.text_width))
+        _close(manual_block(blk, x, empty, mask), blk(x, attn_mask=mask))
+
+
+# ---- 2. plan semantics (tiny model) -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(tiny) -> torch.Tensor:
+    torch.manual_seed(2)
+    return torch.randn(2, 3, tiny.image_size, tiny.image_size)
+
+
+@pytest.mark.parametrize("before_ln_pre", [False, True])
+def test_vision_insert_after_cls(tiny, images, before_ln_pre):
+    torch.manual_seed(3)
+    prompts = torch.randn(3, tiny.vision_width) * 3 + 1  # far from layer-normalised, so ln_pre matters
+    plan = PromptPlan(insert=prompts, insert_before_ln_pre=before_ln_pre)
+    with torch.no_grad():
+        out = tiny.vision(images, plan, return_tokens=True)
+        ref = ref_vision(tiny, images, insert=prompts, before_ln_pre=before_ln_pre)
+        other = ref_vision(tiny, images, insert=prompts, before_ln_pre=not before_ln_pre)
+    assert out.tokens.shape == (2, 65 + 3, tiny.vision_width)
+    _close(out.pooled, ref)
+    _differs(ref, other)
+    _differs(ref, ref_vision(tiny, images))
+
+
+def test_vision_replace_and_add(tiny, images):
+    torch.manual_seed(4)
+    d = tiny.vision_width
+    insert = torch.randn(2, d)
+    replace = {2: torch.randn(2, d), 3: torch.randn(2, d)}
+    add = {1: torch.randn(2, d), 3: torch.randn(2, d)}
+    with torch.no_grad():
+        out = tiny.encode_image(images, PromptPlan(insert=insert, replace=replace, add=add))
+        ref = ref_vision(tiny, images, insert=insert, replace=replace, add=add)
+        _close(out, ref)
+        _differs(ref, ref_vision(tiny, images, insert=insert, replace=replace))
+        _differs(ref, ref_vision(tiny, images, insert=insert, add=add))
+        # without insertion, layer-0 replace overwrites patch tokens after ln_pre
+        replace0 = {0: torch.randn(4, d)}
+        _close(tiny.encode_image(images, PromptPlan(replace=replace0)), ref_vision(tiny, images, replace=replace0))
+
+
+def test_text_replace_at_layer0_acts_on_word_embeddings(tiny):
+    torch.manual_seed(5)
+    tokens = tiny.tokenize(["x x x x a red square", "x x x x dog"])
+    ctx = torch.randn(4, tiny.text_width)
+    with torch.no_grad():
+        out = tiny.encode_text(tokens, PromptPlan(replace={0: ctx}))
+        ref = ref_text(tiny, tokens, replace={0: ctx})
+        _close(out, ref)
+        # acting on hidden states (after the positional embedding) would give something else
+        m = tiny.model
+        x = _set(m.token_embedding(tokens) + m.positional_embedding, ctx)
+        for blk in m.transformer.resblocks:
+            x = blk(x, attn_mask=_causal(x.shape[1]))
+        wrong = m.ln_final(x)[torch.arange(2), tokens.argmax(-1)] @ m.text_projection
+        _differs(ref, wrong)
+
+
+def test_text_deep_replace_add_and_insert(tiny):
+    torch.manual_seed(6)
+    d = tiny.text_width
+    tokens = tiny.tokenize(["x x a red square", "x x dog"])
+    replace = {0: torch.randn(2, d), 1: torch.randn(2, d), 3: torch.randn(2, d)}
+    add = {0: torch.randn(2, d), 2: torch.randn(2, d)}
+    with torch.no_grad():
+        _close(
+            tiny.encode_text(tokens, PromptPlan(replace=replace, add=add)),
+            ref_text(tiny, tokens, replace=replace, add=add),
+        )
+        ref_hidden = ref_text(tiny, tokens, replace={1: replace[1]})
+        _close(tiny.encode_text(tokens, PromptPlan(replace={1: replace[1]})), ref_hidden)
+        _differs(ref_hidden, ref_text(tiny, tokens))
+        insert = torch.randn(3, d)
+        ref_ins = ref_text(tiny, tokens, insert=insert)
+        _close(tiny.encode_text(tokens, PromptPlan(insert=insert)), ref_ins)
+        _differs(ref_ins, ref_text(tiny, tokens))
+
+
+def test_vision_prefix_tokens(tiny, images):
+    torch.manual_seed(7)
+    d = tiny.vision_width
+    prefix = {0: (torch.randn(5, d), torch.randn(5, d)), 2: (torch.randn(3, d), torch.randn(3, d))}
+    with torch.no_grad():
+        ref = ref_vision(tiny, images, prefix=prefix)
+        _close(tiny.encode_image(images, PromptPlan(prefix=prefix)), ref)
+        _differs(ref, ref_vision(tiny, images))
+
+
+def test_text_prefix_tokens_visible_to_every_query(tiny):
+    torch.manual_seed(8)
+    d = tiny.text_width
+    tokens = tiny.tokenize(TEXTS)
+    # shared at layer 1, per sample at layer 3
+    prefix = {1: (torch.randn(4, d), torch.randn(4, d)), 3: (torch.randn(3, 4, d), torch.randn(3, 4, d))}
+    with torch.no_grad():
+        ref = ref_text(tiny, tokens, prefix=prefix)
+        _close(tiny.encode_text(tokens, PromptPlan(prefix=prefix)), ref)
+        _differs(ref, ref_text(tiny, tokens))
+        # the first token can only see itself and the prefix: its output changes with the prefix
+        plain = tiny.text(tokens, return_tokens=True).tokens[:, 0]
+        prefixed = tiny.text(tokens, PromptPlan(prefix={0: prefix[1]}), return_tokens=True).tokens[:, 0]
+        _differs(plain, prefixed)
+
+
+def test_vision_attn_mask(tiny, images):
+    length = 65
+    mask = torch.ones(length, length, dtype=torch.bool)
+    mask[:, 5:20] = False  # nobody attends to patches 4..18
+    mask[3, :] = False
+    mask[3, 3] = True  # patch 2 attends only to itself
+    with torch.no_grad():
+        ref = ref_vision(tiny, images, mask=_additive(mask))
+        _close(tiny.encode_image(images, PromptPlan(attn_mask=mask)), ref)
+        _close(tiny.encode_image(images, PromptPlan(attn_mask=_additive(mask))), ref)
+        plain = tiny.encode_image(images)
+        _differs(ref, plain)
+        _close(tiny.encode_image(images, PromptPlan(attn_mask=torch.ones(length, length, dtype=torch.bool))), plain)
+        # per-sample masks [B, L, L]: each row as if encoded alone with its own mask
+        per_sample = torch.stack([mask, torch.ones(length, length, dtype=torch.bool)])
+        out = tiny.encode_image(images, PromptPlan(attn_mask=per_sample))
+        _close(out[0], ref[0])
+        _close(out[1], plain[1])
+
+
+def test_text_attn_mask(tiny):
+    tokens = tiny.tokenize(TEXTS)
+    length = tiny.context_length
+    mask = torch.ones(length, length, dtype=torch.bool)
+    mask[4:, 1:3] = False  # later tokens may not look at the first two words
+    with torch.no_grad():
+        ref = ref_text(tiny, tokens, extra_mask=mask)
+        _close(tiny.encode_text(tokens, PromptPlan(attn_mask=mask)), ref)
+        plain = tiny.encode_text(tokens)
+        _differs(ref[1], plain[1])
+        _close(tiny.encode_text(tokens, PromptPlan(attn_mask=torch.ones(length, length, dtype=torch.bool))), plain)
+
+
+def test_prefix_combined_with_attn_mask(tiny, images):
+    torch.manual_seed(9)
+    d = tiny.vision_width
+    prefix = {1: (torch.randn(4, d), torch.randn(4, d))}
+    mask = torch.ones(65, 65, dtype=torch.bool)
+    mask[:, 10:30] = False
+    with torch.no_grad():
+        ref = ref_vision(tiny, images, prefix=prefix, mask=_additive(mask))
+        _close(tiny.encode_image(images, PromptPlan(prefix=prefix, attn_mask=mask)), ref)
+        tokens = tiny.tokenize(TEXTS)
+        tmask = torch.ones(tiny.context_length, tiny.context_length, dtype=torch.bool)
+        tmask[5:, 2] = False
+        tprefix = {2: (torch.randn(3, tiny.text_width), torch.randn(3, tiny.text_width))}
+        ref = ref_text(tiny, tokens, prefix=tprefix, extra_mask=tmask)
+        _close(tiny.encode_text(tokens, PromptPlan(prefix=tprefix, attn_mask=tmask)), ref)
+
+
+def _full_vision_plan(tokens, kv):
+    return PromptPlan(insert=tokens, replace={1: tokens}, add={2: tokens}, prefix={3: (kv, -kv)})
+
+
+def test_per_sample_tokens_match_shared(tiny, images):
+    torch.manual_seed(10)
+    d = tiny.vision_width
+    tokens, kv = torch.randn(3, d), torch.randn(2, d)
+    with torch.no_grad():
+        shared = tiny.encode_image(images, _full_vision_plan(tokens, kv))
+        per_sample = tiny.encode_image(images, _full_vision_plan(tokens.expand(2, -1, -1), kv.expand(2, -1, -1)))
+        _close(per_sample, shared)
+        # different rows: each sample gets its own prompts
+        tokens2, kv2 = torch.randn(3, d), torch.randn(2, d)
+        mixed = tiny.encode_image(images, _full_vision_plan(torch.stack([tokens, tokens2]), torch.stack([kv, kv2])))
+        _close(mixed[0], shared[0])
+        _close(mixed[1], tiny.encode_image(images, _full_vision_plan(tokens2, kv2))[1])
+        _differs(mixed[1], shared[1])
+        text = tiny.tokenize(TEXTS[:2])
+        ctx = torch.randn(2, tiny.text_width)
+        _close(
+            tiny.encode_text(text, PromptPlan(replace={0: ctx, 2: ctx})),
+            tiny.encode_text(text, PromptPlan(replace={0: ctx.expand(2, -1, -1), 2: ctx.expand(2, -1, -1)})),
+        )
+        with pytest.raises(ValueError):
+            tiny.encode_image(images, PromptPlan(insert=torch.randn(3, 3, d)))
+
+
+def test_frames_are_encoded_as_images(tiny):
+    torch.manual_seed(11)
+    frames = torch.randn(2, 3, 3, tiny.image_size, tiny.image_size)
+    plan = PromptPlan(insert=torch.randn(2, tiny.vision_width))
+    with torch.no_grad():
+        out = tiny.encode_image(frames, plan)
+        flat = tiny.encode_image(frames.flatten(0, 1), plan)
+    assert out.shape == (2, 3, tiny.embed_dim)
+    _close(out.flatten(0, 1), flat)
+
+
+def test_plan_beyond_tower_depth_raises(tiny, images):
+    depth = tiny.vision.num_layers
+    d = tiny.vision_width
+    with pytest.raises(ValueError, match="layer 4"):
+        tiny.encode_image(images, PromptPlan(replace={depth: torch.zeros(1, d)}))
+    with pytest.raises(ValueError, match="layer"):
+        tiny.encode_image(images, PromptPlan(prefix={depth: (torch.zeros(1, d), torch.zeros(1, d))}))
+    with pytest.raises(ValueError, match="layer"):
+        tiny.encode_text(tiny.tokenize(["a"]), PromptPlan(add={tiny.text.num_layers: torch.zeros(1, tiny.text_width)}))
+
+
+def test_span_beyond_sequence_raises(tiny, images):
+    with pytest.raises(ValueError, match="exceeds sequence length"):
+        tiny.encode_image(images, PromptPlan(replace={1: torch.zeros(65, tiny.vision_width)}))
+    with pytest.raises(ValueError, match="exceeds sequence length"):
+        tiny.encode_text(
+            tiny.tokenize(["a"]), PromptPlan(replace={0: torch.zeros(tiny.context_length, tiny.text_width)})
+        )
+
+
+def test_text_span_longer_than_the_caption_is_not_truncated_away(tiny):
+    """Truncation keeps every prompt position even when the prompt runs past the last end-of-text."""
+    tokens = tiny.tokenize(["a"])  # end-of-text at position 2
+    ctx = torch.randn(6, tiny.text_width)
+    with torch.no_grad():
+        out = tiny.encode_text(tokens, PromptPlan(replace={2: ctx}))
+        _close(out, ref_text(tiny, tokens, replace={2: ctx}))
+
+
+def test_gradients_reach_prompts_not_frozen_backbone(tiny, images):
+    torch.manual_seed(12)
+    d, t = tiny.vision_width, tiny.text_width
+    vis = torch.randn(3, d, requires_grad=True)
+    vis_deep = torch.randn(3, d, requires_grad=True)
+    vk, vv = torch.randn(2, d, requires_grad=True), torch.randn(2, d, requires_grad=True)
+    ctx = torch.randn(2, t, requires_grad=True)
+    deep = torch.randn(2, t, requires_grad=True)
+    tk, tv = torch.randn(2, t, requires_grad=True), torch.randn(2, t, requires_grad=True)
+    img = tiny.encode_image(images, PromptPlan(insert=vis, add={2: vis_deep}, prefix={1: (vk, vv)}))
+    txt = tiny.encode_text(tiny.tokenize(TEXTS[:2]), PromptPlan(replace={0: ctx, 1: deep}, prefix={2: (tk, tv)}))
+    (img * txt.detach()).sum().backward()
+    (txt * img.detach()).sum().backward()
+    for tensor in (vis, vis_deep, vk, vv, ctx, deep, tk, tv):
+        assert tensor.grad is not None and tensor.grad.abs().sum() > 0
+    assert all(not p.requires_grad and p.grad is None for p in tiny.parameters())
+
+
+def test_grad_checkpointing_gives_same_outputs_and_gradients(monkeypatch, images):
+    bb = _load("vlprompt-tiny")  # not frozen: compare backbone gradients too
+    calls = []
+    real = towers_module.checkpoint
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(towers_module, "checkpoint", spy)
+    torch.manual_seed(13)
+    vis = torch.randn(3, bb.vision_width, requires_grad=True)
+    kv = torch.randn(2, bb.vision_width, requires_grad=True)
+    ctx = torch.randn(2, bb.text_width, requires_grad=True)
+    tokens = bb.tokenize(TEXTS[:2])
+
+    def step():
+        for tensor in (vis, kv, ctx, *bb.parameters()):
+            tensor.grad = None
+        img = bb.encode_image(images, PromptPlan(insert=vis, replace={2: vis}, prefix={1: (kv, kv * 2)}))
+        txt = bb.encode_text(tokens, PromptPlan(replace={0: ctx, 3: ctx}, prefix={1: (ctx, ctx)}))
+        (img @ txt.T).square().sum().backward()
+        grads = [t.grad.clone() for t in (vis, kv, ctx)]
+        grads += [p.grad.clone() if p.grad is not None else None for p in bb.parameters()]
+        return img.detach(), txt.detach(), grads
+
+    img0, txt0, grads0 = step()
+    assert not calls
+    bb.set_grad_checkpointing(True)
+    img1, txt1, grads1 = step()
+    assert len(calls) == bb.vision.num_layers + bb.text.num_layers
+    _close(img1, img0)
+    _close(txt1, txt0)
+    assert any(g is not None for g in grads0[3:])
+    for g0, g1 in zip(grads0, grads1):
+        assert (g0 is None) == (g1 is None)
+        if g0 is not None:
+            torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
+    # no checkpointing without autograd
+    calls.clear()
+    with torch.no_grad():
+        bb.encode_image(images)
+    assert not calls
