@@ -67,11 +67,15 @@ def test_prompts_change_and_backbone_stays(image_text_set: Path, tmp_path: Path)
 def test_resume_after_kill_matches_uninterrupted(image_text_set: Path, tmp_path: Path) -> None:
     full = train(_cfg(image_text_set, tmp_path, "full", "train.checkpoint_every=2"), progress=False)
     with pytest.raises(_Interrupt):
-        train(_cfg(image_text_set, tmp_path, "killed", "train.checkpoint_every=2"), progress=False, interrupt_at_step=5)
+        train(
+            _cfg(image_text_set, tmp_path, "killed", "train.checkpoint_every=2"), progress=False, interrupt_at_step=5
+        )
     assert latest_checkpoint(tmp_path / "killed").name == "step_00000004"
     with pytest.raises(ConfigError, match="resume=true"):
         train(_cfg(image_text_set, tmp_path, "killed", "train.checkpoint_every=2"), progress=False)
-    resumed = train(_cfg(image_text_set, tmp_path, "killed", "train.checkpoint_every=2", "resume=true"), progress=False)
+    resumed = train(
+        _cfg(image_text_set, tmp_path, "killed", "train.checkpoint_every=2", "resume=true"), progress=False
+    )
     assert resumed["steps"] == full["steps"]
     assert resumed["test"] == full["test"]
     assert resumed["val"] == full["val"]
@@ -84,8 +88,16 @@ def test_epoch_order_is_reproducible() -> None:
 
 
 def test_grad_accumulation_and_sgd_run(image_text_set: Path, tmp_path: Path) -> None:
-    cfg = _cfg(image_text_set, tmp_path, "accum", "train.grad_accum=3", "train.optimizer=sgd", "train.warmup_steps=1",
-               "train.batch_size=4", "train.epochs=1")
+    cfg = _cfg(
+        image_text_set,
+        tmp_path,
+        "accum",
+        "train.grad_accum=3",
+        "train.optimizer=sgd",
+        "train.warmup_steps=1",
+        "train.batch_size=4",
+        "train.epochs=1",
+    )
     result = train(cfg, progress=False)
     assert result["steps"] == (24 // 4) // 3
 

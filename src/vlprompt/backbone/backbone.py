@@ -79,9 +79,7 @@ class Backbone(nn.Module):
             texts = [texts]
         return self.tokenizer(list(texts)).to(self.device)
 
-    def encode_image(
-        self, images: Tensor, prompts: PromptPlan | None = None, normalize: bool = False
-    ) -> Tensor:
+    def encode_image(self, images: Tensor, prompts: PromptPlan | None = None, normalize: bool = False) -> Tensor:
         """Embed images ``[B, 3, H, W]`` (or frames ``[B, T, 3, H, W]``) under an optional prompt plan."""
         out = self.vision(images.to(self.device), prompts).pooled
         return F.normalize(out, dim=-1) if normalize else out

@@ -23,7 +23,9 @@ def _embedding_name(model: nn.Module) -> str:
     return "text.token_embedding.weight" if hasattr(model, "text") else "token_embedding.weight"
 
 
-def save_embedded_weights(model: nn.Module, path: Path, keep_token_ids: Iterable[int], metadata: dict[str, str]) -> None:
+def save_embedded_weights(
+    model: nn.Module, path: Path, keep_token_ids: Iterable[int], metadata: dict[str, str]
+) -> None:
     """Write ``model`` with a sparse token embedding (only ``keep_token_ids``) as fp16 safetensors."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     name = _embedding_name(model)

@@ -35,7 +35,9 @@ def register_model_configs() -> None:
 
 def cache_dir() -> Path:
     """Where vlprompt caches pretrained embedded models (``$VLPROMPT_CACHE`` or ``~/.cache/vlprompt``)."""
-    root = os.environ.get("VLPROMPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlprompt"
+    root = (
+        os.environ.get("VLPROMPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlprompt"
+    )
     return Path(root)
 
 

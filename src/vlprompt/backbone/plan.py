@@ -51,13 +51,7 @@ class PromptPlan:
 
     def is_empty(self) -> bool:
         """True when the plan changes nothing."""
-        return (
-            self.insert is None
-            and not self.replace
-            and not self.add
-            and not self.prefix
-            and self.attn_mask is None
-        )
+        return self.insert is None and not self.replace and not self.add and not self.prefix and self.attn_mask is None
 
     def max_layer(self) -> int:
         """Deepest layer the plan touches (-1 for none)."""

@@ -27,8 +27,17 @@ def run(args: argparse.Namespace) -> int:
     from vlprompt.engine.pretrain import pretrain_embedded
 
     out = args.out or cache_dir() / "models"
-    card = pretrain_embedded(args.model, args.world, out, args.steps, args.batch_size, args.lr, args.seed,
-                             args.runs, progress=not args.quiet)
+    card = pretrain_embedded(
+        args.model,
+        args.world,
+        out,
+        args.steps,
+        args.batch_size,
+        args.lr,
+        args.seed,
+        args.runs,
+        progress=not args.quiet,
+    )
     print(json.dumps(card["zero_shot"], indent=2))
     print(f"wrote {out / (args.model + '.safetensors')} and its model card")
     return 0

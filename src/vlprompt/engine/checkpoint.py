@@ -51,8 +51,10 @@ def load_trainable(path: Path, module: nn.Module) -> None:
     expected = set(module.trainable_state_dict())
     missing, unexpected = expected - set(tensors), set(tensors) - expected
     if missing or unexpected:
-        raise ValueError(f"checkpoint {path} does not match the method: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"checkpoint {path} does not match the method: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     module.load_state_dict(tensors, strict=False)
 
 

@@ -74,8 +74,16 @@ def retrieval_shift_rows(world: Path, out: Path, full: bool, progress: bool, con
         for recipe in ("shift_zeroshot", "shift_coop", "shift_vpt", "shift_maple"):
             console.print(f"[bold]{recipe}[/bold] on {domain} ...")
             result, seconds = run_recipe(recipe, world, out, domain, progress)
-            rows.append(Row("retrieval under domain shift", recipe.removeprefix("shift_"), domain,
-                            {k: result["test"][k] for k in METRICS}, result["params"]["trainable"], round(seconds, 1)))
+            rows.append(
+                Row(
+                    "retrieval under domain shift",
+                    recipe.removeprefix("shift_"),
+                    domain,
+                    {k: result["test"][k] for k in METRICS},
+                    result["params"]["trainable"],
+                    round(seconds, 1),
+                )
+            )
     return rows
 
 
@@ -85,20 +93,37 @@ def print_table(rows: list[Row], console: Console) -> None:
     for col in ("section", "method", "domain", *METRICS, "trainable", "time (s)"):
         table.add_column(col, justify="left" if col in ("section", "method", "domain") else "right")
     for r in rows:
-        table.add_row(r.section, r.method, r.domain, *(f"{r.metrics[m]:.1f}" for m in METRICS),
-                      f"{r.trainable:,}", f"{r.seconds:.1f}")
+        table.add_row(
+            r.section,
+            r.method,
+            r.domain,
+            *(f"{r.metrics[m]:.1f}" for m in METRICS),
+            f"{r.trainable:,}",
+            f"{r.seconds:.1f}",
+        )
     console.print(table)
 
 
 def report(rows: list[Row], out: Path) -> Path:
     """Write ``out/report.html`` and ``out/results.json``."""
-    flat = [{"section": r.section, "method": r.method, "domain": r.domain, **r.metrics, "trainable": r.trainable,
-             "time (s)": r.seconds} for r in rows]
+    flat = [
+        {
+            "section": r.section,
+            "method": r.method,
+            "domain": r.domain,
+            **r.metrics,
+            "trainable": r.trainable,
+            "time (s)": r.seconds,
+        }
+        for r in rows
+    ]
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
     domains = sorted({r.domain for r in rows})
     methods = list(dict.fromkeys(r.method for r in rows))
-    series = {m: [next((r.metrics["t2i/R@1"] for r in rows if r.method == m and r.domain == d), 0.0)
-                  for d in domains] for m in methods}
+    series = {
+        m: [next((r.metrics["t2i/R@1"] for r in rows if r.method == m and r.domain == d), 0.0) for d in domains]
+        for m in methods
+    }
     sections = [
         ("Results", html_table(flat, ["section", "method", "domain", *METRICS, "trainable", "time (s)"])),
         ("Text-to-image R@1 by domain", bar_chart(domains, series, "t2i R@1", "retrieval under domain shift")),

@@ -48,7 +48,9 @@ def world_texts(root: Path) -> list[str]:
     return texts
 
 
-def pretrain_config(model: str, world: Path, steps: int, batch_size: int, lr: float, seed: int, out_dir: Path) -> Config:
+def pretrain_config(
+    model: str, world: Path, steps: int, batch_size: int, lr: float, seed: int, out_dir: Path
+) -> Config:
     """The training config of the embedded pretraining recipe."""
     return Config(
         backbone=BackboneConfig(name=model, pretrained=None),
@@ -59,8 +61,15 @@ def pretrain_config(model: str, world: Path, steps: int, batch_size: int, lr: fl
             val=str(layout.base_retrieval_file(world, "val")),
         ),
         train=TrainConfig(
-            epochs=10_000, max_steps=steps, batch_size=batch_size, eval_batch_size=512, lr=lr, weight_decay=0.1,
-            warmup_steps=max(1, steps // 20), eval_every=0, checkpoint_every=100,
+            epochs=10_000,
+            max_steps=steps,
+            batch_size=batch_size,
+            eval_batch_size=512,
+            lr=lr,
+            weight_decay=0.1,
+            warmup_steps=max(1, steps // 20),
+            eval_every=0,
+            checkpoint_every=100,
         ),
         seed=seed,
         device="cpu",
@@ -84,8 +93,15 @@ def zero_shot_report(model: str, weights: Path, world: Path) -> dict[str, Any]:
 
 
 def pretrain_embedded(
-    model: str, world: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int = 0,
-    runs_dir: Path = Path("runs"), progress: bool = True,
+    model: str,
+    world: Path,
+    out: Path,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    runs_dir: Path = Path("runs"),
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Pretrain ``model`` on ``world``'s base part and write ``out/<model>.safetensors`` plus a model card."""
     cfg = pretrain_config(model, world, steps, batch_size, lr, seed, runs_dir)
@@ -100,19 +116,27 @@ def pretrain_embedded(
     keep = torch.unique(tokenizer(world_texts(world))).tolist()
     manifest = json.loads(layout.manifest_file(world).read_text())
     meta = {
-        "model": model, "steps": str(steps), "batch_size": str(batch_size), "lr": str(lr), "seed": str(seed),
-        "world_seed": str(manifest.get("seed")), "world_size": str(manifest.get("size")),
+        "model": model,
+        "steps": str(steps),
+        "batch_size": str(batch_size),
+        "lr": str(lr),
+        "seed": str(seed),
+        "world_seed": str(manifest.get("seed")),
+        "world_size": str(manifest.get("size")),
         "world_version": str(manifest.get("version")),
     }
     weights = out / f"{model}.safetensors"
     save_embedded_weights(clip, weights, keep, meta)
     report = zero_shot_report(model, weights, world)
     card = {
-        **meta, "train_seconds": round(seconds, 1), "kept_token_rows": len(keep),
-        "logit_scale": round(float(clip.logit_scale.exp()), 3), "final_val_during_training": result.get("val"),
+        **meta,
+        "train_seconds": round(seconds, 1),
+        "kept_token_rows": len(keep),
+        "logit_scale": round(float(clip.logit_scale.exp()), 3),
+        "final_val_during_training": result.get("val"),
         "zero_shot": report,
         "command": f"vlprompt pretrain --model {model} --world WORLD --steps {steps} --batch-size {batch_size} "
-                   f"--lr {lr} --seed {seed} --out {out}",
+        f"--lr {lr} --seed {seed} --out {out}",
     }
     (out / f"{model}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return card

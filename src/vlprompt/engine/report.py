@@ -39,6 +39,7 @@ def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel:
 
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """An HTML table of ``rows`` restricted to ``columns``."""
+
     def cell(value: Any) -> str:
         text = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
         return f"<td>{html.escape(text)}</td>"
@@ -55,8 +56,10 @@ def write_report(path: Path, title: str, sections: Sequence[tuple[str, str]]) ->
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
         "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
     )
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>",
+    ]
     for heading, content in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>{content}")
     parts.append("</body></html>")

@@ -29,4 +29,6 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None, spli
     if not ann:
         raise ConfigError(f"data.{split} is empty: nothing to evaluate (override it, e.g. data.{split}=FILE)")
     gallery = load_gallery(data_path(cfg, ann), cfg.data.root, strict=cfg.data.strict)
-    return evaluate_retrieval(method, gallery, method.backbone.preprocess_val, cfg.train.eval_batch_size, cfg.train.autocast)
+    return evaluate_retrieval(
+        method, gallery, method.backbone.preprocess_val, cfg.train.eval_batch_size, cfg.train.autocast
+    )

@@ -50,7 +50,9 @@ def data_path(cfg: Config, value: str) -> Path:
 
 def build_model(cfg: Config, device: torch.device) -> Method:
     """Backbone + method from the config."""
-    backbone = load_backbone(cfg.backbone.name, cfg.backbone.pretrained, device=device, precision=cfg.backbone.precision)
+    backbone = load_backbone(
+        cfg.backbone.name, cfg.backbone.pretrained, device=device, precision=cfg.backbone.precision
+    )
     method = build_method(cfg.method, backbone).to(device)
     if cfg.train.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
@@ -70,7 +72,9 @@ def make_optimizer(cfg: Config, method: Method) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr)
 
 
-def make_schedule(cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def make_schedule(
+    cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then cosine decay to zero (or constant)."""
     warmup = cfg.train.warmup_steps
 
@@ -109,14 +113,18 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
 
     method = build_model(cfg, device)
     backbone = method.backbone
-    train_set = ImageTextPairs(data_path(cfg, cfg.data.train), cfg.data.root, backbone.preprocess_train, strict=cfg.data.strict)
+    train_set = ImageTextPairs(
+        data_path(cfg, cfg.data.train), cfg.data.root, backbone.preprocess_train, strict=cfg.data.strict
+    )
     val = load_gallery(data_path(cfg, cfg.data.val), cfg.data.root, strict=cfg.data.strict) if cfg.data.val else None
 
     t = cfg.train
     micro_per_epoch = len(train_set) // t.batch_size
     steps_per_epoch = micro_per_epoch // t.grad_accum
     if steps_per_epoch == 0:
-        raise ConfigError(f"{len(train_set)} training pairs give no full step of batch {t.batch_size} x {t.grad_accum}")
+        raise ConfigError(
+            f"{len(train_set)} training pairs give no full step of batch {t.batch_size} x {t.grad_accum}"
+        )
     total_steps = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
     params = method.trainable_parameters()
     if not params:
@@ -135,10 +143,18 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
         set_rng_state(state["rng"])
 
     def checkpoint_now() -> None:
-        save_checkpoint(run_dir, method, {
-            "step": step, "epoch": epoch, "micro_done": micro_done, "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
-        })
+        save_checkpoint(
+            run_dir,
+            method,
+            {
+                "step": step,
+                "epoch": epoch,
+                "micro_done": micro_done,
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "scaler": scaler.state_dict(),
+            },
+        )
 
     counts = method.parameter_counts()
     start = time.perf_counter()
@@ -148,8 +164,14 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
         while epoch < t.epochs and step < total_steps:
             method.train()
             order = epoch_order(len(train_set), cfg.seed, epoch)[micro_done * t.batch_size :]
-            loader = DataLoader(train_set, batch_size=t.batch_size, sampler=order, drop_last=True,
-                                num_workers=cfg.data.num_workers, collate_fn=collate_skip_none)
+            loader = DataLoader(
+                train_set,
+                batch_size=t.batch_size,
+                sampler=order,
+                drop_last=True,
+                num_workers=cfg.data.num_workers,
+                collate_fn=collate_skip_none,
+            )
             for batch in loader:
                 micro_done += 1
                 if batch is not None:

@@ -29,7 +29,9 @@ class VPTDeep(Method):
         if not 1 <= depth <= backbone.vision.num_layers:
             raise ValueError(f"vpt.depth must be in 1..{backbone.vision.num_layers}, got {depth}")
         patch = backbone.vision.visual.patch_size[0]
-        self.prompts = DeepPrompts(depth, o.n_tokens, backbone.vision_width, vpt_init_range(patch, backbone.vision_width))
+        self.prompts = DeepPrompts(
+            depth, o.n_tokens, backbone.vision_width, vpt_init_range(patch, backbone.vision_width)
+        )
 
     def plans(self) -> Plans:
         tokens = self.prompts()
