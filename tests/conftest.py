@@ -44,3 +44,13 @@ def image_text_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "val.json").write_text(json.dumps(val))
     (root / "test.json").write_text(json.dumps(val))
     return root
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded world at its small size (a few seconds to build), shared by the whole session."""
+    from vlprompt.data.world import build_world
+
+    root = tmp_path_factory.mktemp("world") / "small"
+    build_world(root, seed=0, size="small", workers=1)
+    return root

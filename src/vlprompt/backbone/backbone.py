@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from vlprompt.backbone.loading import create_clip
 from vlprompt.backbone.plan import PromptPlan
 from vlprompt.backbone.towers import TextTower, VisionTower
+from vlprompt.errors import WeightsUnavailableError
 
 
 class Backbone(nn.Module):
@@ -121,5 +122,8 @@ def load_backbone(
         precision: open_clip precision (``fp32``, ``bf16``, ``fp16``, ``amp``, ...).
     """
     model, pre_train, pre_val = create_clip(name, pretrained, device=device, precision=precision)
-    tokenizer = open_clip.get_tokenizer(name)
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as err:  # hub tokenizers need their config files, which may not be on this machine
+        raise WeightsUnavailableError(f"could not load the tokenizer of {name}: {err}") from err
     return Backbone(model, tokenizer, pre_train, pre_val, name=name, pretrained=pretrained)

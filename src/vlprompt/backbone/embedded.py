@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,6 +22,14 @@ VALUES_KEY = "token_embedding.values"
 
 def _embedding_name(model: nn.Module) -> str:
     return "text.token_embedding.weight" if hasattr(model, "text") else "token_embedding.weight"
+
+
+def is_embedded_file(path: str | Path) -> bool:
+    """True for a safetensors file written by :func:`save_embedded_weights`."""
+    if not str(path).endswith(".safetensors") or not Path(path).is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return ROWS_KEY in f.keys()
 
 
 def save_embedded_weights(

@@ -13,7 +13,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from vlprompt.backbone.embedded import load_embedded_weights
+from vlprompt.backbone.embedded import is_embedded_file, load_embedded_weights
 from vlprompt.errors import WeightsUnavailableError
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -81,7 +81,7 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
         hint = f" Did you mean: {', '.join(close)}?" if close else " See `vlprompt list backbones`."
         raise WeightsUnavailableError(f"unknown backbone architecture {name!r}.{hint}")
     weights = resolve_pretrained(name, pretrained)
-    embedded = name in EMBEDDED_MODELS and pretrained == EMBEDDED_TAG
+    embedded = weights is not None and is_embedded_file(weights)
     try:
         created = open_clip.create_model_and_transforms(
             name, pretrained=None if embedded else weights, device=device, precision=precision

@@ -12,11 +12,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and the report go")
     p.add_argument("--full", action="store_true", help="every row (all shifted domains), not just the headline")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe (e.g. train.epochs=1)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from vlprompt.engine.demo import run_demo
 
-    run_demo(args.world, args.out, full=args.full, progress=not args.quiet)
+    run_demo(args.world, args.out, full=args.full, progress=not args.quiet, overrides=args.overrides)
     return 0

@@ -47,7 +47,9 @@ def ensure_world(world: Path, console: Console) -> None:
     console.print(f"world built in {summary.get('seconds', '?')} s")
 
 
-def run_recipe(recipe: str, world: Path, out: Path, domain: str, progress: bool) -> tuple[dict[str, Any], float]:
+def run_recipe(
+    recipe: str, world: Path, out: Path, domain: str, progress: bool, overrides: list[str]
+) -> tuple[dict[str, Any], float]:
     """Train (or just evaluate) one world recipe on ``domain``; returns (result, seconds)."""
     overrides = [
         f"data.root={world}",
@@ -57,6 +59,7 @@ def run_recipe(recipe: str, world: Path, out: Path, domain: str, progress: bool)
         f"out_dir={out}",
         f"run_name={recipe}_{domain}",
         "resume=true",
+        *overrides,
     ]
     cfg_path = CONFIGS / f"{recipe}.yaml"
     cfg = load_config(cfg_path, overrides)
@@ -66,14 +69,16 @@ def run_recipe(recipe: str, world: Path, out: Path, domain: str, progress: bool)
     return train(cfg, progress=progress), time.perf_counter() - start
 
 
-def retrieval_shift_rows(world: Path, out: Path, full: bool, progress: bool, console: Console) -> list[Row]:
+def retrieval_shift_rows(
+    world: Path, out: Path, full: bool, progress: bool, overrides: list[str], console: Console
+) -> list[Row]:
     """Zero-shot vs CoOp vs VPT-deep vs MaPLe on image-text retrieval in shifted domains."""
     domains = layout.SHIFTED_DOMAINS if full else ("sketch",)
     rows = []
     for domain in domains:
         for recipe in ("shift_zeroshot", "shift_coop", "shift_vpt", "shift_maple"):
             console.print(f"[bold]{recipe}[/bold] on {domain} ...")
-            result, seconds = run_recipe(recipe, world, out, domain, progress)
+            result, seconds = run_recipe(recipe, world, out, domain, progress, overrides)
             rows.append(
                 Row(
                     "retrieval under domain shift",
@@ -131,13 +136,18 @@ def report(rows: list[Row], out: Path) -> Path:
     return write_report(out / "report.html", "vlprompt demo", sections)
 
 
-def run_demo(world: Path, out: Path, full: bool = False, progress: bool = True) -> list[Row]:
-    """Build what is missing, run every demo row, print the table and write the report."""
+def run_demo(
+    world: Path, out: Path, full: bool = False, progress: bool = True, overrides: list[str] | None = None
+) -> list[Row]:
+    """Build what is missing, run every demo row, print the table and write the report.
+
+    ``overrides`` (``key=value``) apply to every recipe, e.g. ``train.epochs=1`` for a quick look.
+    """
     console = Console()
     start = time.perf_counter()
     ensure_world(world, console)
     out.mkdir(parents=True, exist_ok=True)
-    rows = retrieval_shift_rows(world, out, full, progress, console)
+    rows = retrieval_shift_rows(world, out, full, progress, list(overrides or []), console)
     print_table(rows, console)
     path = report(rows, out)
     console.print(f"report: {path}   total {time.perf_counter() - start:.0f} s")

@@ -57,8 +57,8 @@ def pretrain_config(
         method={"name": "finetune"},
         data=DataConfig(
             root=str(world),
-            train=str(layout.base_retrieval_file(world, "train")),
-            val=str(layout.base_retrieval_file(world, "val")),
+            train=str(layout.base_retrieval_file(world, "train").relative_to(world)),
+            val=str(layout.base_retrieval_file(world, "val").relative_to(world)),
         ),
         train=TrainConfig(
             epochs=10_000,
@@ -130,9 +130,9 @@ def pretrain_embedded(
     report = zero_shot_report(model, weights, world)
     card = {
         **meta,
-        "train_seconds": round(seconds, 1),
+        "wall_seconds_this_invocation": round(seconds, 1),
         "kept_token_rows": len(keep),
-        "logit_scale": round(float(clip.logit_scale.exp()), 3),
+        "logit_scale": round(float(clip.logit_scale.detach().exp()), 3),
         "final_val_during_training": result.get("val"),
         "zero_shot": report,
         "command": f"vlprompt pretrain --model {model} --world WORLD --steps {steps} --batch-size {batch_size} "
