@@ -34,6 +34,9 @@ class PromptPlan:
         start: first position the prompt tokens occupy (1 = right after CLS / start-of-text).
         insert_before_ln_pre: vision only; insert before ``ln_pre`` as MaPLe/IVLP do (after it by default,
             as VPT, LPI and DGL do).
+        global_tokens: vision with frame input only; video-level tokens ``[G, D]`` or ``[B, G, D]`` inserted once
+            before block 0, under DGL's global-local attention: frame tokens see their own frame and the
+            globals, globals see every frame of their video.
     """
 
     insert: Tensor | None = None
@@ -43,6 +46,7 @@ class PromptPlan:
     attn_mask: Tensor | None = None
     start: int = 1
     insert_before_ln_pre: bool = False
+    global_tokens: Tensor | None = None
 
     @property
     def num_inserted(self) -> int:

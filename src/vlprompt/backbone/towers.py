@@ -20,10 +20,15 @@ from vlprompt.backbone.plan import PromptPlan, batched, insert_tokens, write_tok
 
 @dataclass
 class TowerOutput:
-    """Pooled, projected embedding ``[B, E]`` and, when asked for, all final tokens ``[B, L, D]``."""
+    """Pooled, projected embedding ``[B, E]`` and, when asked for, all final tokens ``[B, L, D]``.
+
+    Under global-local video attention ``pooled`` is global token 0 and ``frames`` holds each frame's pooled
+    embedding ``[B, T, E]``.
+    """
 
     pooled: Tensor
     tokens: Tensor | None = None
+    frames: Tensor | None = None
 
 
 def _to_additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -65,42 +70,72 @@ def run_block(
         return block(x, attn_mask=attn_mask)
 
     attn: nn.MultiheadAttention = block.attn
-    batch, length, width = x.shape
-    heads = attn.num_heads
-    h = block.ln_1(x)
-    q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    length = x.shape[1]
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
     if prefix is not None:
-        pk, pv = (batched(p.to(x.dtype), batch) for p in prefix)
+        pk, pv = (batched(p.to(x.dtype), x.shape[0]) for p in prefix)
         k, v = torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
-        n_prefix = pk.shape[1]
         if is_causal:  # prefix keys stay visible to every query
             attn_mask = combine_masks(causal_mask(length, x.device, x.dtype), attn_mask, dtype=x.dtype)
             is_causal = False
         if attn_mask is not None:
-            attn_mask = _to_additive(attn_mask, x.dtype)
-            attn_mask = F.pad(attn_mask, (n_prefix, 0), value=0.0)
+            attn_mask = F.pad(_to_additive(attn_mask, x.dtype), (pk.shape[1], 0), value=0.0)
     elif is_causal and attn_mask is not None:
         attn_mask = combine_masks(causal_mask(length, x.device, x.dtype), attn_mask, dtype=x.dtype)
         is_causal = False
+    return _residual(block, x, _attend(block, q, k, v, attn_mask, is_causal))
+
+
+def _attend(block: nn.Module, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    """Multi-head SDPA of projected ``q [B, L, D]`` over ``k, v [B, S, D]``, then the output projection."""
+    attn: nn.MultiheadAttention = block.attn
+    batch, length, width = q.shape
+    heads = attn.num_heads
 
     def heads_first(t: Tensor) -> Tensor:
         return t.reshape(batch, t.shape[1], heads, width // heads).transpose(1, 2)
 
-    if attn_mask is not None:
-        attn_mask = _to_additive(attn_mask, q.dtype)
-        if attn_mask.dim() == 3:  # [B, L, S] -> broadcast over heads
-            attn_mask = attn_mask.unsqueeze(1)
+    if mask is not None:
+        mask = _to_additive(mask, q.dtype)
+        if mask.dim() == 3:  # [B, L, S] -> broadcast over heads
+            mask = mask.unsqueeze(1)
     out = F.scaled_dot_product_attention(
         heads_first(q),
         heads_first(k),
         heads_first(v),
-        attn_mask=attn_mask,
+        attn_mask=mask,
         dropout_p=attn.dropout if block.training else 0.0,
         is_causal=is_causal,
     )
-    out = F.linear(out.transpose(1, 2).reshape(batch, length, width), attn.out_proj.weight, attn.out_proj.bias)
-    x = x + block.ls_1(out)
+    return F.linear(out.transpose(1, 2).reshape(batch, length, width), attn.out_proj.weight, attn.out_proj.bias)
+
+
+def _residual(block: nn.Module, x: Tensor, attended: Tensor) -> Tensor:
+    """The rest of a pre-LN block: residual attention output, then the residual MLP."""
+    x = x + block.ls_1(attended)
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def run_global_local_block(block: nn.Module, g: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+    """DGL's global-local video attention in one block, factorised (no dense ``[G+T·L]²`` mask).
+
+    ``g [B, G, D]`` are a video's global tokens, ``f [B·T, L, D]`` its frames' tokens. Frame tokens attend to
+    ``[globals of their video ; their own frame]``; global tokens attend to ``[globals ; every frame token of
+    the video]``. Equal to one dense attention with the corresponding mask (tested).
+    """
+    if not isinstance(block, ResidualAttentionBlock):
+        raise NotImplementedError(f"global-local attention needs standard blocks, not {type(block).__name__}")
+    attn: nn.MultiheadAttention = block.attn
+    batch, frames = g.shape[0], f.shape[0] // g.shape[0]
+    qg, kg, vg = F.linear(block.ln_1(g), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    qf, kf, vf = F.linear(block.ln_1(f), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    local_k = torch.cat([kg.repeat_interleave(frames, 0), kf], dim=1)
+    local_v = torch.cat([vg.repeat_interleave(frames, 0), vf], dim=1)
+    global_k = torch.cat([kg, kf.reshape(batch, -1, kf.shape[-1])], dim=1)
+    global_v = torch.cat([vg, vf.reshape(batch, -1, vf.shape[-1])], dim=1)
+    f = _residual(block, f, _attend(block, qf, local_k, local_v, None, False))
+    g = _residual(block, g, _attend(block, qg, global_k, global_v, None, False))
+    return g, f
 
 
 class _Tower(nn.Module):
@@ -175,13 +210,39 @@ class VisionTower(_Tower):
             images = images.flatten(0, 1)
         plan = plan or PromptPlan()
         x = self.embed(images, plan)
+        if plan.global_tokens is not None:
+            return self._global_local(x, plan, frames, return_tokens)
         x = self._run_blocks(x, plan, None, is_causal=False)
-        pooled, tokens = self.visual._pool(x)
-        if self.visual.proj is not None:
-            pooled = pooled @ self.visual.proj
+        pooled = self.project(x)
         if frames:
             pooled = pooled.unflatten(0, (-1, frames))
         return TowerOutput(pooled, x if return_tokens else None)
+
+    def project(self, x: Tensor) -> Tensor:
+        """open_clip's pooling (CLS by default) and projection of final tokens ``[N, L, D]`` -> ``[N, E]``."""
+        pooled, _ = self.visual._pool(x)
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+
+    def _global_local(self, f: Tensor, plan: PromptPlan, frames: int, return_tokens: bool) -> TowerOutput:
+        """DGL's loop: frames ``[B*T, L, D]`` plus video-level global tokens, one global-local block at a time."""
+        if not frames:
+            raise ValueError("global tokens need frame input [B, T, 3, H, W]")
+        if plan.prefix or plan.attn_mask is not None:
+            raise ValueError("global tokens cannot be combined with prefix prompts or extra attention masks")
+        if plan.max_layer() >= self.num_layers:
+            raise ValueError(f"prompt plan touches layer {plan.max_layer()}, tower has {self.num_layers} blocks")
+        g = batched(plan.global_tokens.to(f.dtype), f.shape[0] // frames)
+        for layer, block in enumerate(self.blocks):
+            if layer in plan.replace:
+                f = write_tokens(f, plan.replace[layer], plan.start, "replace")
+            if layer in plan.add:
+                f = write_tokens(f, plan.add[layer], plan.start, "add")
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                g, f = checkpoint(run_global_local_block, block, g, f, use_reentrant=False)
+            else:
+                g, f = run_global_local_block(block, g, f)
+        frame_pooled = self.project(f).unflatten(0, (-1, frames))
+        return TowerOutput(self.project(g), g if return_tokens else None, frame_pooled)
 
 
 class TextTower(_Tower):

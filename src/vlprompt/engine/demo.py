@@ -93,20 +93,15 @@ def retrieval_shift_rows(
 
 
 def print_table(rows: list[Row], console: Console) -> None:
-    """The results table in the terminal."""
-    table = Table(title="vlprompt demo: embedded world")
-    for col in ("section", "method", "domain", *METRICS, "trainable", "time (s)"):
-        table.add_column(col, justify="left" if col in ("section", "method", "domain") else "right")
-    for r in rows:
-        table.add_row(
-            r.section,
-            r.method,
-            r.domain,
-            *(f"{r.metrics[m]:.1f}" for m in METRICS),
-            f"{r.trainable:,}",
-            f"{r.seconds:.1f}",
-        )
-    console.print(table)
+    """The results in the terminal, one table per section."""
+    for section in dict.fromkeys(r.section for r in rows):
+        table = Table(title=section)
+        for col in ("method", "domain", *METRICS, "trainable", "time (s)"):
+            table.add_column(col, justify="left" if col in ("method", "domain") else "right")
+        for r in (r for r in rows if r.section == section):
+            cells = (f"{r.metrics[m]:.1f}" for m in METRICS)
+            table.add_row(r.method, r.domain, *cells, f"{r.trainable:,}", f"{r.seconds:.1f}")
+        console.print(table)
 
 
 def report(rows: list[Row], out: Path) -> Path:
@@ -143,7 +138,7 @@ def run_demo(
 
     ``overrides`` (``key=value``) apply to every recipe, e.g. ``train.epochs=1`` for a quick look.
     """
-    console = Console()
+    console = Console(width=max(120, Console().width))  # the table needs ~110 columns, also in logs
     start = time.perf_counter()
     ensure_world(world, console)
     out.mkdir(parents=True, exist_ok=True)
