@@ -156,6 +156,12 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
             },
         )
 
+    def validate(epoch: int) -> dict[str, float]:
+        metrics = evaluate_retrieval(method, val, backbone.preprocess_val, t.eval_batch_size, t.autocast)
+        append_metrics(run_dir, {"epoch": epoch, "step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+        display.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "R@1" in k))
+        return metrics
+
     counts = method.parameter_counts()
     start = time.perf_counter()
     display = TrainProgress(total_steps, enabled=progress)
@@ -200,15 +206,13 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
                     break
             epoch, micro_done = epoch + 1, 0
             finished = epoch >= t.epochs or step >= total_steps
-            if val is not None and (finished or (t.eval_every and epoch % t.eval_every == 0)):
-                metrics = evaluate_retrieval(method, val, backbone.preprocess_val, t.eval_batch_size, t.autocast)
-                append_metrics(run_dir, {"epoch": epoch, "step": step, **{f"val/{k}": v for k, v in metrics.items()}})
-                display.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "R@1" in k))
+            if val is not None and not finished and t.eval_every and epoch % t.eval_every == 0:
+                validate(epoch)  # the final evaluation happens once, below
             checkpoint_now()
 
     result: dict[str, Any] = {"params": counts, "steps": step, "train_seconds": round(time.perf_counter() - start, 2)}
     if val is not None:
-        result["val"] = evaluate_retrieval(method, val, backbone.preprocess_val, t.eval_batch_size, t.autocast)
+        result["val"] = validate(epoch)
     if cfg.data.test:
         test = load_gallery(data_path(cfg, cfg.data.test), cfg.data.root, strict=cfg.data.strict)
         result["test"] = evaluate_retrieval(method, test, backbone.preprocess_val, t.eval_batch_size, t.autocast)
