@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand modules, in the order they appear in --help.
-COMMANDS = ["train", "eval", "metrics", "params", "list", "world", "pretrain", "demo"]
+COMMANDS = ["train", "eval", "metrics", "params", "list", "world", "pretrain", "demo", "video"]
 
 
 def build_parser() -> argparse.ArgumentParser:
