@@ -27,10 +27,12 @@ class BackboneConfig:
 @dataclass
 class DataConfig:
     format: str = "karpathy"  # annotation format, see `vlprompt list datasets`
-    root: str = ""  # image root; relative annotation paths resolve against it too
-    train: str = ""  # annotation files
+    root: str = ""  # image root / annotation folder; relative paths resolve against it
+    train: str = ""  # annotation files ("default" = a video format's standard file of that split; "" = none)
     val: str = ""
     test: str = ""
+    video_root: str = ""  # video formats: folder of the videos (default: <root>/videos)
+    num_frames: int = 12  # video formats: frames sampled per video (segment sampling)
     strict: bool = False  # a missing or unreadable media file is an error instead of a skipped sample
     num_workers: int = 0
 

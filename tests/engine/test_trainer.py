@@ -110,3 +110,29 @@ def test_bf16_autocast_runs(image_text_set: Path, tmp_path: Path) -> None:
 def test_nothing_to_train_is_a_clear_error(image_text_set: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nothing to train"):
         train(_cfg(image_text_set, tmp_path, "zs", "method.name=zeroshot"), progress=False)
+
+
+def test_video_training_on_msrvtt_layout(small_world: Path, tmp_path: Path) -> None:
+    video = small_world / "video"
+    cfg = load_config(
+        None,
+        [
+            "method.name=vpt",
+            "method.n_tokens=2",
+            "backbone.pretrained=null",
+            "data.format=msrvtt",
+            f"data.root={video}",
+            "data.train=default",
+            "data.val=val.csv",
+            "data.test=default",
+            "data.num_frames=4",
+            "train.epochs=1",
+            "train.batch_size=8",
+            f"out_dir={tmp_path}",
+            "run_name=video",
+        ],
+    )
+    result = train(cfg, progress=False)
+    assert result["steps"] >= 1
+    assert {"t2v/R@1", "v2t/R@1", "rsum"} <= set(result["test"])
+    assert evaluate_target(tmp_path / "video") == pytest.approx(result["test"])

@@ -65,6 +65,16 @@ class Backbone(nn.Module):
         return int(size[0] if isinstance(size, tuple | list) else size)
 
     @property
+    def image_mean(self) -> tuple[float, ...]:
+        """Normalisation mean of the model's preprocessing (open_clip's preprocess config)."""
+        return tuple(getattr(self.vision.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+
+    @property
+    def image_std(self) -> tuple[float, ...]:
+        """Normalisation std of the model's preprocessing."""
+        return tuple(getattr(self.vision.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+
+    @property
     def logit_scale(self) -> Tensor:
         """``exp(logit_scale)`` of the model (100 for OpenAI CLIP)."""
         return self.model.logit_scale.exp()

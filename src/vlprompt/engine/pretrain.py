@@ -17,11 +17,11 @@ import torch
 from vlprompt.backbone import load_backbone
 from vlprompt.backbone.embedded import save_embedded_weights
 from vlprompt.config import BackboneConfig, Config, DataConfig, TrainConfig
-from vlprompt.data import load_gallery
+from vlprompt.data.sources import eval_set
 from vlprompt.data.world import layout
 from vlprompt.engine.checkpoint import latest_checkpoint, load_trainable
 from vlprompt.engine.evaluate import evaluate_retrieval
-from vlprompt.engine.trainer import build_model, train
+from vlprompt.engine.trainer import build_model, train, visual_spec
 from vlprompt.methods import build_method
 
 #: Words prompt methods use beyond the world's captions (CoOp's init, placeholders).
@@ -81,13 +81,16 @@ def pretrain_config(
 
 def zero_shot_report(model: str, weights: Path, world: Path) -> dict[str, Any]:
     """Retrieval metrics of the exported model on the base val split and every test domain."""
+    world = Path(world).resolve()
     backbone = load_backbone(model, str(weights))
     method = build_method({"name": "zeroshot"}, backbone)
     galleries = {"base_val": layout.base_retrieval_file(world, "val")}
     galleries.update({f"test_{d}": layout.retrieval_file(world, "test", d) for d in layout.DOMAINS})
+    spec = visual_spec(backbone)
     report = {}
     for name, ann in galleries.items():
-        metrics = evaluate_retrieval(method, load_gallery(ann, world), backbone.preprocess_val, 512)
+        gallery = eval_set(DataConfig(root=str(world), test=str(ann)), "test", spec)
+        metrics = evaluate_retrieval(method, gallery, 512)
         report[name] = {k: round(v, 2) for k, v in metrics.items() if "R@" in k or k == "rsum"}
     return report
 

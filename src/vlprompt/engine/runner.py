@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlprompt.config import load_config
-from vlprompt.data import load_gallery
+from vlprompt.data.sources import eval_set
 from vlprompt.engine.checkpoint import latest_checkpoint, load_trainable
 from vlprompt.engine.evaluate import evaluate_retrieval
-from vlprompt.engine.trainer import build_model, data_path, resolve_device, seed_everything
+from vlprompt.engine.trainer import build_model, resolve_device, seed_everything, visual_spec
 from vlprompt.errors import ConfigError
 
 
@@ -25,10 +25,7 @@ def evaluate_target(target: str | Path, overrides: list[str] | None = None, spli
             raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
         if checkpoint is not None:
             load_trainable(checkpoint / "trainable.safetensors", method)
-    ann = getattr(cfg.data, split)
-    if not ann:
+    gallery = eval_set(cfg.data, split, visual_spec(method.backbone))
+    if gallery is None:
         raise ConfigError(f"data.{split} is empty: nothing to evaluate (override it, e.g. data.{split}=FILE)")
-    gallery = load_gallery(data_path(cfg, ann), cfg.data.root, strict=cfg.data.strict)
-    return evaluate_retrieval(
-        method, gallery, method.backbone.preprocess_val, cfg.train.eval_batch_size, cfg.train.autocast
-    )
+    return evaluate_retrieval(method, gallery, cfg.train.eval_batch_size, cfg.train.autocast)

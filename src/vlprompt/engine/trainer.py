@@ -10,18 +10,18 @@ from __future__ import annotations
 import math
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from vlprompt.backbone import load_backbone
+from vlprompt.backbone import Backbone, load_backbone
 from vlprompt.config import Config
-from vlprompt.data import ImageTextPairs, collate_skip_none, load_gallery
+from vlprompt.data import collate_skip_none
+from vlprompt.data.sources import VisualSpec, eval_set, train_set
 from vlprompt.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from vlprompt.engine.evaluate import autocast_context, evaluate_retrieval
+from vlprompt.engine.evaluate import autocast_context, evaluate_retrieval, split_visual_batch
 from vlprompt.engine.progress import TrainProgress
 from vlprompt.engine.rundir import append_metrics, prepare_run_dir, run_dir_for, write_json
 from vlprompt.errors import ConfigError
@@ -42,10 +42,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def data_path(cfg: Config, value: str) -> Path:
-    """Annotation paths resolve against ``data.root`` unless absolute."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() or not cfg.data.root else Path(cfg.data.root) / path
+def visual_spec(backbone: Backbone) -> VisualSpec:
+    """The input facts the data layer needs from a backbone (transforms, size, normalisation)."""
+    b = backbone
+    return VisualSpec(b.preprocess_train, b.preprocess_val, b.image_size, b.image_mean, b.image_std)
 
 
 def build_model(cfg: Config, device: torch.device) -> Method:
@@ -113,18 +113,15 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
 
     method = build_model(cfg, device)
     backbone = method.backbone
-    train_set = ImageTextPairs(
-        data_path(cfg, cfg.data.train), cfg.data.root, backbone.preprocess_train, strict=cfg.data.strict
-    )
-    val = load_gallery(data_path(cfg, cfg.data.val), cfg.data.root, strict=cfg.data.strict) if cfg.data.val else None
+    spec = visual_spec(backbone)
+    pairs = train_set(cfg.data, spec, seed=cfg.seed)
+    val = eval_set(cfg.data, "val", spec)
 
     t = cfg.train
-    micro_per_epoch = len(train_set) // t.batch_size
+    micro_per_epoch = len(pairs) // t.batch_size
     steps_per_epoch = micro_per_epoch // t.grad_accum
     if steps_per_epoch == 0:
-        raise ConfigError(
-            f"{len(train_set)} training pairs give no full step of batch {t.batch_size} x {t.grad_accum}"
-        )
+        raise ConfigError(f"{len(pairs)} training pairs give no full step of batch {t.batch_size} x {t.grad_accum}")
     total_steps = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
     params = method.trainable_parameters()
     if not params:
@@ -157,7 +154,7 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
         )
 
     def validate(epoch: int) -> dict[str, float]:
-        metrics = evaluate_retrieval(method, val, backbone.preprocess_val, t.eval_batch_size, t.autocast)
+        metrics = evaluate_retrieval(method, val, t.eval_batch_size, t.autocast)
         append_metrics(run_dir, {"epoch": epoch, "step": step, **{f"val/{k}": v for k, v in metrics.items()}})
         display.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "R@1" in k))
         return metrics
@@ -169,9 +166,11 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     with display:
         while epoch < t.epochs and step < total_steps:
             method.train()
-            order = epoch_order(len(train_set), cfg.seed, epoch)[micro_done * t.batch_size :]
+            if hasattr(pairs, "set_epoch"):  # video pairs draw their random frames per epoch
+                pairs.set_epoch(epoch)
+            order = epoch_order(len(pairs), cfg.seed, epoch)[micro_done * t.batch_size :]
             loader = DataLoader(
-                train_set,
+                pairs,
                 batch_size=t.batch_size,
                 sampler=order,
                 drop_last=True,
@@ -181,10 +180,11 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
             for batch in loader:
                 micro_done += 1
                 if batch is not None:
-                    images, captions, _ = batch
+                    visual, mask, (captions, _) = split_visual_batch(batch)
                     tokens = method.tokenize(captions)
+                    mask = mask.to(device) if mask is not None else None
                     with autocast_context(device, t.autocast):
-                        loss = method(images.to(device), tokens) / t.grad_accum
+                        loss = method(visual.to(device), tokens, mask) / t.grad_accum
                     scaler.scale(loss).backward()
                     display.record(loss.item() * t.grad_accum, len(captions))
                 if micro_done % t.grad_accum:
@@ -213,10 +213,10 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     result: dict[str, Any] = {"params": counts, "steps": step, "train_seconds": round(time.perf_counter() - start, 2)}
     if val is not None:
         result["val"] = validate(epoch)
-    if cfg.data.test:
-        test = load_gallery(data_path(cfg, cfg.data.test), cfg.data.root, strict=cfg.data.strict)
-        result["test"] = evaluate_retrieval(method, test, backbone.preprocess_val, t.eval_batch_size, t.autocast)
-    bad = train_set.bad_samples
+    test = eval_set(cfg.data, "test", spec)
+    if test is not None:
+        result["test"] = evaluate_retrieval(method, test, t.eval_batch_size, t.autocast)
+    bad = pairs.bad_samples
     if bad:
         result["bad_samples"] = bad.as_dict()
     write_json(run_dir / "metrics.json", result)

@@ -78,6 +78,24 @@ class Method(nn.Module):
         plans = plans if plans is not None else self.plans()
         return F.normalize(self.backbone.encode_image(images, plans.image), dim=-1)
 
+    def encode_video(self, frames: Tensor, mask: Tensor | None = None, plans: Plans | None = None) -> Tensor:
+        """L2-normalised video embeddings ``[B, E]`` of frames ``[B, T, 3, H, W]``.
+
+        Default: CLIP4Clip's meanP, the mean of L2-normalised frame embeddings over the valid frames (``mask``).
+        """
+        plans = plans if plans is not None else self.plans()
+        frame_feats = F.normalize(self.backbone.vision(frames, plans.image).pooled, dim=-1)
+        if mask is None:
+            return F.normalize(frame_feats.mean(dim=1), dim=-1)
+        weights = mask.to(frame_feats.dtype).unsqueeze(-1)
+        return F.normalize((frame_feats * weights).sum(1) / weights.sum(1).clamp(min=1), dim=-1)
+
+    def encode_visual(self, visual: Tensor, mask: Tensor | None = None, plans: Plans | None = None) -> Tensor:
+        """Images ``[B, 3, H, W]`` or videos ``[B, T, 3, H, W]`` (with their frame mask)."""
+        if visual.dim() == 5:
+            return self.encode_video(visual, mask, plans)
+        return self.encode_image(visual, plans)
+
     def encode_text(self, texts: Sequence[str] | Tensor, plans: Plans | None = None) -> Tensor:
         """L2-normalised text embeddings ``[N, E]`` of strings or already-tokenized ids."""
         plans = plans if plans is not None else self.plans()
@@ -90,12 +108,12 @@ class Method(nn.Module):
         return self.backbone.logit_scale
 
     # ---- training ----------------------------------------------------------------------------
-    def forward(self, images: Tensor, tokens: Tensor) -> Tensor:
-        """Symmetric InfoNCE loss of a batch of matched image-caption pairs."""
+    def forward(self, visual: Tensor, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Symmetric InfoNCE loss of a batch of matched (image or video, caption) pairs."""
         plans = self.plans()
-        img = self.encode_image(images, plans)
+        vis = self.encode_visual(visual, mask, plans)
         txt = self.encode_text(tokens, plans)
-        return self.loss_fn(img, txt, self.logit_scale)
+        return self.loss_fn(vis, txt, self.logit_scale)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters an optimizer should update."""
