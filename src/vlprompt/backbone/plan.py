@@ -34,6 +34,9 @@ class PromptPlan:
         start: first position the prompt tokens occupy (1 = right after CLS / start-of-text).
         insert_before_ln_pre: vision only; insert before ``ln_pre`` as MaPLe/IVLP do (after it by default,
             as VPT, LPI and DGL do).
+        suffix: text only; ``layer -> tokens`` placed right before each row's end-of-text token: inserted at
+            layer 0 (after the positional embedding), replaced before later blocks. Unlike tokens after the
+            end-of-text token, these reach the pooled output under the causal mask (DGL's postfix prompts).
         global_tokens: vision with frame input only; video-level tokens ``[G, D]`` or ``[B, G, D]`` inserted once
             before block 0, under DGL's global-local attention: frame tokens see their own frame and the
             globals, globals see every frame of their video.
@@ -46,6 +49,7 @@ class PromptPlan:
     attn_mask: Tensor | None = None
     start: int = 1
     insert_before_ln_pre: bool = False
+    suffix: dict[int, Tensor] = field(default_factory=dict)
     global_tokens: Tensor | None = None
 
     @property
@@ -59,17 +63,19 @@ class PromptPlan:
 
     def max_layer(self) -> int:
         """Deepest layer the plan touches (-1 for none)."""
-        layers = [*self.replace, *self.add, *self.prefix]
+        layers = [*self.replace, *self.add, *self.prefix, *self.suffix]
         return max(layers, default=0 if self.insert is not None else -1)
 
 
 def batched(tokens: Tensor, batch: int) -> Tensor:
-    """Broadcast ``[n, D]`` or ``[1, n, D]`` tokens to ``[batch, n, D]`` (no copy)."""
+    """Broadcast ``[n, D]`` or ``[1, n, D]`` tokens to ``[batch, n, D]`` (no copy), or tile ``[T, n, D]``."""
     if tokens.dim() == 2:
         tokens = tokens.unsqueeze(0)
-    if tokens.shape[0] not in (1, batch):
-        raise ValueError(f"prompt tokens have batch {tokens.shape[0]}, the input has {batch}")
-    return tokens.expand(batch, -1, -1)
+    if tokens.shape[0] == batch or tokens.shape[0] == 1:
+        return tokens.expand(batch, -1, -1)
+    if batch % tokens.shape[0] == 0:  # per-frame tokens [T, n, D] for frames batched as B*T (frame-major)
+        return tokens.repeat(batch // tokens.shape[0], 1, 1)
+    raise ValueError(f"prompt tokens have batch {tokens.shape[0]}, the input has {batch}")
 
 
 def write_tokens(x: Tensor, tokens: Tensor, start: int, mode: str) -> Tensor:
@@ -81,6 +87,28 @@ def write_tokens(x: Tensor, tokens: Tensor, start: int, mode: str) -> Tensor:
     middle = tokens if mode == "replace" else x[:, start : start + n] + tokens
     # torch.cat rather than in-place slicing keeps autograd simple and never mutates a caller's tensor
     return torch.cat([x[:, :start], middle, x[:, start + n :]], dim=1)
+
+
+def _span_index(x: Tensor, starts: Tensor, n: int, length: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-row span bookkeeping: positions ``[N, length]``, offsets into the span, and whether inside it."""
+    idx = torch.arange(length, device=x.device).unsqueeze(0)
+    rel = idx - starts.unsqueeze(1)
+    return idx, rel.clamp(0, n - 1), (rel >= 0) & (rel < n)
+
+
+def insert_tokens_at(x: Tensor, tokens: Tensor, starts: Tensor) -> Tensor:
+    """Insert shared ``tokens [n, D]`` into each row ``i`` of ``x [N, L, D]`` at its own position ``starts[i]``."""
+    n, width = tokens.shape[-2], x.shape[-1]
+    idx, rel, inside = _span_index(x, starts, n, x.shape[1] + n)
+    source = torch.where(idx < starts.unsqueeze(1), idx, idx - n).clamp(0, x.shape[1] - 1)
+    gathered = x.gather(1, source.unsqueeze(-1).expand(-1, -1, width))
+    return torch.where(inside.unsqueeze(-1), tokens.to(x.dtype)[rel], gathered)
+
+
+def replace_tokens_at(x: Tensor, tokens: Tensor, starts: Tensor) -> Tensor:
+    """Overwrite the span ``[starts[i], starts[i] + n)`` of each row with shared ``tokens [n, D]``."""
+    _, rel, inside = _span_index(x, starts, tokens.shape[-2], x.shape[1])
+    return torch.where(inside.unsqueeze(-1), tokens.to(x.dtype)[rel], x)
 
 
 def insert_tokens(x: Tensor, tokens: Tensor, start: int) -> Tensor:

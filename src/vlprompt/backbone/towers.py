@@ -7,6 +7,7 @@ tokens and extra masks cost nothing when unused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,14 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vlprompt.backbone.plan import PromptPlan, batched, insert_tokens, write_tokens
+from vlprompt.backbone.plan import (
+    PromptPlan,
+    batched,
+    insert_tokens,
+    insert_tokens_at,
+    replace_tokens_at,
+    write_tokens,
+)
 
 
 @dataclass
@@ -155,7 +163,14 @@ class _Tower(nn.Module):
         """Recompute block activations in backward to save memory."""
         self.grad_checkpointing = enable
 
-    def _run_blocks(self, x: Tensor, plan: PromptPlan, base_mask: Tensor | None, is_causal: bool) -> Tensor:
+    def _run_blocks(
+        self,
+        x: Tensor,
+        plan: PromptPlan,
+        base_mask: Tensor | None,
+        is_causal: bool,
+        before_block: Callable[[int, Tensor], Tensor] | None = None,
+    ) -> Tensor:
         if plan.max_layer() >= self.num_layers:
             raise ValueError(f"prompt plan touches layer {plan.max_layer()}, tower has {self.num_layers} blocks")
         mask = combine_masks(base_mask, plan.attn_mask, dtype=x.dtype)
@@ -165,6 +180,8 @@ class _Tower(nn.Module):
                     x = write_tokens(x, plan.replace[layer], plan.start, "replace")
                 if layer in plan.add:
                     x = write_tokens(x, plan.add[layer], plan.start, "add")
+            if before_block is not None:
+                x = before_block(layer, x)
             prefix = plan.prefix.get(layer)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(run_block, block, x, mask, prefix, is_causal, use_reentrant=False)
@@ -302,7 +319,18 @@ class TextTower(_Tower):
         if plan.insert is not None:
             x = insert_tokens(x, plan.insert, plan.start)
             positions = positions + (positions >= plan.start).long() * plan.num_inserted
-        x = self._run_blocks(x, plan, None, is_causal=self.causal)
+        before_block = None
+        if plan.suffix:
+            if 0 not in plan.suffix:
+                raise ValueError("suffix prompts are inserted at layer 0 and can only be replaced later")
+            starts = positions  # the suffix sits where end-of-text was; end-of-text moves behind it
+            x = insert_tokens_at(x, plan.suffix[0], starts)
+            positions = positions + plan.suffix[0].shape[-2]
+
+            def before_block(layer: int, h: Tensor) -> Tensor:
+                return replace_tokens_at(h, plan.suffix[layer], starts) if layer > 0 and layer in plan.suffix else h
+
+        x = self._run_blocks(x, plan, None, is_causal=self.causal, before_block=before_block)
         x = src.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), positions]
         proj = src.text_projection
