@@ -47,7 +47,10 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw only
+    eps: float = 1e-8  # adamw only
     warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # warmup as a fraction of all steps (used when warmup_steps is 0)
     schedule: str = "cosine"  # cosine | constant
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float = 0.0  # max gradient norm (0 = off)

@@ -240,6 +240,11 @@ class VisionTower(_Tower):
         pooled, _ = self.visual._pool(x)
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
+    def project_tokens(self, x: Tensor) -> Tensor:
+        """``ln_post`` and projection applied to every token ``[N, L, D]`` -> ``[N, L, E]``."""
+        x = self.visual.ln_post(x)
+        return x @ self.visual.proj if self.visual.proj is not None else x
+
     def _global_local(self, f: Tensor, plan: PromptPlan, frames: int, return_tokens: bool) -> TowerOutput:
         """DGL's loop: frames ``[B*T, L, D]`` plus video-level global tokens, one global-local block at a time."""
         if not frames:

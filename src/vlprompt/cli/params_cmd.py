@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from vlprompt.engine.trainer import build_model
 
     cfg = load_config(args.config, args.overrides)
+    cfg.backbone.pretrained = None  # counting needs the architecture only, never the weights
     counts = build_model(cfg, torch.device("cpu")).parameter_counts()
     if args.json:
         print(json.dumps(counts))

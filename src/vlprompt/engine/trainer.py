@@ -69,14 +69,14 @@ def make_optimizer(cfg: Config, method: Method) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
-    return torch.optim.AdamW(groups, lr=t.lr)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
 
 
 def make_schedule(
     cfg: Config, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup then cosine decay to zero (or constant)."""
-    warmup = cfg.train.warmup_steps
+    warmup = cfg.train.warmup_steps or int(cfg.train.warmup_fraction * total_steps)
 
     def factor(step: int) -> float:
         if step < warmup:

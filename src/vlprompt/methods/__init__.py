@@ -1,6 +1,6 @@
 """Methods: one file per method, registered by name (what configs refer to)."""
 
-from vlprompt.methods import baselines, coop, maple, vpt  # noqa: F401  (registration)
+from vlprompt.methods import baselines, coop, dgl, maple, vpt  # noqa: F401  (registration)
 from vlprompt.methods.base import METHODS, Method, MethodOptions, Plans, register_method
 from vlprompt.methods.build import build_method, list_methods
 

@@ -1,0 +1,108 @@
+"""DGL (Yang et al., AAAI 2024): dynamic global-local prompt tuning for text-video retrieval.
+
+A frozen CLIP; one generator (``latent``: ``linear`` or ``transformer``) produces text prompts and per-frame
+visual prompts for every layer from a shared latent space; ``n_global`` global prompts ride along the video
+with global-local attention (frames see their own frame and the globals, globals see every frame). The prompts
+do not depend on the sample, so they are generated once per step. The logit scale is CLIP's, frozen (100 for
+OpenAI weights). Spec: ``shared/specs/dgl.md``.
+
+Where the reference code and the paper differ, the default follows the paper and an option reproduces the code:
+
+- ``video_embedding``: ``frame_mean`` (the frames' CLS embeddings averaged, the paper's description) or
+  ``global_prompt0`` (the reference: the first global prompt's output), ``global_mean``, ``global_and_frame_mean``.
+- ``postfix``: ``before_eot`` (postfix prompts right before end-of-text, so they reach the text embedding) or
+  ``inert`` (the reference appends them after the padded caption, where the causal mask makes them dead; they
+  still shape the other prompts through the transformer generator, so only the text tower skips them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.methods.base import Method, Plans, register_method
+from vlprompt.prompts import DGLLinearPrompts, DGLPrompts, DGLTransformerPrompts
+
+VIDEO_EMBEDDINGS = ("frame_mean", "global_prompt0", "global_mean", "global_and_frame_mean")
+POSTFIX_MODES = ("before_eot", "inert")
+
+
+@dataclass
+class DGLOptions:
+    latent: str = "transformer"  # transformer | linear (the shared latent space generator)
+    n_global: int = 4  # G global prompts
+    n_local: int = 4  # P local prompts per frame (and P prefix + P postfix text prompts)
+    depth: int = 0  # prompt layers K (0 = every layer)
+    frames: int = 12  # T; the transformer generator has per-frame prompts, so it must match data.num_frames
+    video_embedding: str = "frame_mean"
+    postfix: str = "before_eot"
+
+
+@register_method("dgl")
+class DGL(Method):
+    """Prompts only: shared-latent-space text and frame prompts at every layer plus global video prompts."""
+
+    Options = DGLOptions
+
+    def __init__(self, backbone: Backbone, options: Any = None) -> None:
+        super().__init__(backbone, options)
+        o = self.options
+        if o.video_embedding not in VIDEO_EMBEDDINGS:
+            raise ValueError(f"dgl.video_embedding must be one of {VIDEO_EMBEDDINGS}, got {o.video_embedding!r}")
+        if o.postfix not in POSTFIX_MODES:
+            raise ValueError(f"dgl.postfix must be one of {POSTFIX_MODES}, got {o.postfix!r}")
+        layers = min(backbone.vision.num_layers, backbone.text.num_layers)
+        depth = o.depth or layers
+        if not 1 <= depth <= layers:
+            raise ValueError(f"dgl.depth must be in 1..{layers}, got {depth}")
+        patch = backbone.vision.visual.patch_size[0]
+        widths = dict(vision_width=backbone.vision_width, text_width=backbone.text_width, patch=patch)
+        if o.latent == "linear":
+            self.prompts = DGLLinearPrompts(depth, o.n_local, o.n_global, **widths)
+        elif o.latent == "transformer":
+            heads = backbone.vision.blocks[0].attn.num_heads
+            self.prompts = DGLTransformerPrompts(depth, o.n_local, o.n_global, 2 * o.n_local, o.frames, heads=heads,
+                                                 **widths)  # fmt: skip
+        else:
+            raise ValueError(f"dgl.latent must be 'linear' or 'transformer', got {o.latent!r}")
+
+    def plans(self) -> Plans:
+        p: DGLPrompts = self.prompts()
+        frames = p.frames if p.frames.dim() == 3 else p.frames.transpose(0, 1)  # [K, P, D] or [T, K, P, D]
+        layer = (lambda k: frames[k]) if frames.dim() == 3 else (lambda k: frames[:, k])
+        depth = p.text.shape[0]
+        vision = PromptPlan(
+            insert=layer(0), replace={k: layer(k) for k in range(1, depth)}, global_tokens=p.globals
+        )  # fmt: skip
+        prefix = p.prefix()
+        text = PromptPlan(insert=prefix[0], replace={k: prefix[k] for k in range(1, depth)})
+        if self.options.postfix == "before_eot":
+            text.suffix = dict(enumerate(p.postfix()))
+        return Plans(image=vision, text=text)
+
+    def encode_video(self, frames: Tensor, mask: Tensor | None = None, plans: Plans | None = None) -> Tensor:
+        """Video embeddings ``[B, E]`` under global-local attention; the frame mask is ignored, as in DGL."""
+        plans = plans if plans is not None else self.plans()
+        how = self.options.video_embedding
+        out = self.backbone.vision(frames, plans.image, return_tokens=how in ("global_mean", "global_and_frame_mean"))
+        if how == "global_prompt0":
+            video = out.pooled
+        elif how == "frame_mean":
+            video = out.frames.mean(dim=1)
+        else:
+            globals_ = self.backbone.vision.project_tokens(out.tokens)
+            video = globals_.mean(1) if how == "global_mean" else torch_cat_mean(globals_, out.frames)
+        return F.normalize(video, dim=-1)
+
+    def encode_image(self, images: Tensor, plans: Plans | None = None) -> Tensor:
+        """Images are one-frame videos."""
+        return self.encode_video(images.unsqueeze(1), None, plans)
+
+
+def torch_cat_mean(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over the tokens of ``a [B, n, E]`` and ``b [B, m, E]`` together."""
+    return (a.sum(1) + b.sum(1)) / (a.shape[1] + b.shape[1])

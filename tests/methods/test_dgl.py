@@ -1,0 +1,94 @@
+"""DGL as a method: parameter counts from the recipes, invariants of spec section 10, training touches prompts only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import vlprompt
+from vlprompt.cli.main import main
+from vlprompt.methods import build_method
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@pytest.mark.parametrize(
+    ("config", "trainable", "frozen"),
+    [("dgl_msrvtt_vitb32_linear.yaml", 827_392, 151_277_313), ("dgl_msrvtt_vitb16_transformer.yaml", 9_575_168,
+                                                                 149_620_737)],
+)  # fmt: skip
+def test_recipe_parameter_counts(config: str, trainable: int, frozen: int, capsys) -> None:
+    assert main(["params", str(CONFIGS / config), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts == {"trainable": trainable, "total": trainable + frozen}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return vlprompt.load_backbone("vlprompt-tiny", pretrained=None).eval()
+
+
+def _dgl(tiny, **options):
+    torch.manual_seed(1)
+    return build_method({"name": "dgl", "frames": 3, **options}, tiny).eval()
+
+
+@pytest.mark.parametrize("latent", ["linear", "transformer"])
+@pytest.mark.parametrize("embedding", ["frame_mean", "global_prompt0", "global_mean", "global_and_frame_mean"])
+def test_video_embedding_does_not_depend_on_batch(tiny, latent: str, embedding: str) -> None:
+    method = _dgl(tiny, latent=latent, video_embedding=embedding)
+    video = torch.randn(3, 3, 3, 64, 64)
+    with torch.no_grad():
+        batch = method.encode_video(video)
+        single = method.encode_video(video[2:])
+    assert batch.shape == (3, tiny.embed_dim)
+    assert torch.allclose(batch[2:], single, atol=1e-5)
+    assert torch.allclose(batch.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_postfix_modes(tiny) -> None:
+    method = _dgl(tiny, latent="linear", postfix="before_eot")
+    tokens = method.tokenize(["a red star moves left", "a blue circle grows"])
+    with torch.no_grad():
+        before = method.encode_text(tokens)
+        method.prompts.postfix_proj.weight.normal_()
+        changed = method.encode_text(tokens)
+        method.options.postfix = "inert"
+        inert = method.encode_text(tokens)
+        method.prompts.postfix_proj.weight.normal_()
+        inert_again = method.encode_text(tokens)
+    assert not torch.allclose(before, changed, atol=1e-4)  # effective before end-of-text
+    assert torch.allclose(inert, inert_again)  # the reference's postfix is dead under the causal mask
+
+
+def test_linear_variant_is_blind_to_frame_order_transformer_is_not(tiny) -> None:
+    video = torch.randn(1, 3, 3, 64, 64)
+    reversed_ = video.flip(1)
+    with torch.no_grad():
+        linear = _dgl(tiny, latent="linear")
+        assert torch.allclose(linear.encode_video(video), linear.encode_video(reversed_), atol=1e-5)
+        transformer = _dgl(tiny, latent="transformer")
+        assert not torch.allclose(transformer.encode_video(video), transformer.encode_video(reversed_), atol=1e-4)
+
+
+def test_training_step_updates_prompts_only(tiny) -> None:
+    method = _dgl(tiny, latent="transformer").train()
+    frozen = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    optimizer = torch.optim.AdamW(method.trainable_parameters(), lr=1e-2)
+    loss = method(torch.randn(2, 3, 3, 64, 64), method.tokenize(["a red star", "two green hearts"]))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert all(torch.equal(v, tiny.model.state_dict()[k]) for k, v in frozen.items())
+    assert all(p.grad is not None for p in method.trainable_parameters())
+
+
+def test_bad_options(tiny) -> None:
+    with pytest.raises(ValueError, match="latent"):
+        build_method({"name": "dgl", "latent": "mlp"}, tiny)
+    with pytest.raises(ValueError, match="video_embedding"):
+        build_method({"name": "dgl", "video_embedding": "cls"}, tiny)
