@@ -86,3 +86,26 @@ def test_bad_shape_is_a_data_error(tmp_path: Path, capsys: pytest.CaptureFixture
     np.save(path, np.zeros(3))
     assert main(["metrics", "--sim", str(path)]) == 2
     assert "2-D" in capsys.readouterr().err
+
+
+def test_qbnorm_is_reported_separately(tmp_path, capsys) -> None:
+    import json
+
+    import numpy as np
+
+    from vlprompt.cli.main import main
+
+    rng = np.random.default_rng(0)
+    sim = rng.normal(size=(20, 20)) + 3 * np.eye(20)
+    bank = rng.normal(size=(50, 20))
+    np.save(tmp_path / "sim.npy", sim)
+    np.save(tmp_path / "bank.npy", bank)
+    args = ["metrics", "--sim", str(tmp_path / "sim.npy"), "--json"]
+    assert main([*args, "--qbnorm-bank", str(tmp_path / "bank.npy"), "--qbnorm-beta", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "t2v/R@1" in out and "t2v+qbnorm/R@1" in out
+    assert main(args) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["t2v/R@1"] == out["t2v/R@1"]  # the raw numbers never include QB-Norm
+    np.save(tmp_path / "bad.npy", rng.normal(size=(5, 7)))
+    assert main([*args, "--qbnorm-bank", str(tmp_path / "bad.npy")]) == 2

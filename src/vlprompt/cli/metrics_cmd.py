@@ -31,6 +31,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ties", choices=["optimistic", "pessimistic"], default="optimistic", help="how ties count")
     p.add_argument("--prefix", help="metric key prefix (default: t2v, or v2t with --transpose)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    q = p.add_argument_group("QB-Norm (reported separately, under keys '<prefix>+qbnorm/...')")
+    q.add_argument("--qbnorm-bank", type=Path, metavar="BANK.npy",
+                   help="similarities of a TRAINING query bank to the same gallery, [n_bank, n_gallery] in the "
+                        "evaluated direction (after --transpose)")  # fmt: skip
+    q.add_argument("--qbnorm-beta", type=float, default=1.0, help="inverted-softmax temperature (choose on val)")
+    q.add_argument("--qbnorm-k", type=int, default=1, help="top-k used for the activation set")
+    q.add_argument("--qbnorm-theta", type=int, default=1, help="activation threshold (DGL: 3 for t2v, 5 for v2t)")
     p.set_defaults(func=run)
 
 
@@ -79,6 +86,16 @@ def run(args: argparse.Namespace) -> int:
         where = f"{args.sim}" if args.gt is None else f"{args.sim} with {args.gt}"
         raise DataError(f"{where}: {err}") from err
     metrics = retrieval_metrics(ranks, prefix)
+    if args.qbnorm_bank is not None:
+        from vlprompt.eval.qbnorm import qb_norm
+
+        bank = _load_sim(args.qbnorm_bank)
+        try:
+            normed = qb_norm(sim, bank, beta=args.qbnorm_beta, k=args.qbnorm_k, theta=args.qbnorm_theta)
+            qb_ranks = ranks_from_similarity(normed, gt, ties=args.ties)
+        except ValueError as err:
+            raise DataError(f"{args.qbnorm_bank}: {err}") from err
+        metrics.update(retrieval_metrics(qb_ranks, f"{prefix}+qbnorm"))
     if args.json:
         print(json.dumps(metrics))
         return 0
