@@ -199,15 +199,20 @@ def caption_for(scene: SceneSpec) -> str:
 
 def captions_for(scene: SceneSpec, rng: random.Random, n: int = 5) -> list[str]:
     """``n`` distinct captions: the canonical one first, then varied templates and synonyms."""
-    caps = [caption_for(scene)]
+    return distinct_captions(lambda r: _caption(scene, r), rng, n)
+
+
+def distinct_captions(make: Callable[[random.Random | None], str], rng: random.Random, n: int) -> list[str]:
+    """``make(None)`` (the canonical caption) and then ``n - 1`` different draws of ``make(rng)``."""
+    caps = [make(None)]
     for _ in range(20 * n):
         if len(caps) == n:
             break
-        c = _caption(scene, rng)
+        c = make(rng)
         if c not in caps:
             caps.append(c)
     while len(caps) < n:  # pragma: no cover - only with tiny vocabularies
-        caps.append(caps[len(caps) % max(1, len(caps))])
+        caps.append(caps[-1])
     return caps
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from vlprompt.data.world import vocabulary as V
 from vlprompt.data.world.layout import VIDEO_FPS, VIDEO_FRAMES
 from vlprompt.data.world.render import render_objects
-from vlprompt.data.world.scenes import CANVAS, MARGIN, ObjectSpec, _pick, object_phrase
+from vlprompt.data.world.scenes import CANVAS, MARGIN, ObjectSpec, _pick, distinct_captions, object_phrase
 
 EXTENT = {"small": 12.0, "large": 22.0}
 STEP_KINDS = ("move", "size", "recolour", "visibility")
@@ -191,16 +191,7 @@ def caption_for_video(spec: VideoSpec) -> str:
 
 def captions_for_video(spec: VideoSpec, rng: random.Random, n: int = 5) -> list[str]:
     """``n`` distinct captions, the canonical one first."""
-    caps = [caption_for_video(spec)]
-    for _ in range(20 * n):
-        if len(caps) == n:
-            break
-        c = _video_caption(spec, rng)
-        if c not in caps:
-            caps.append(c)
-    while len(caps) < n:  # pragma: no cover
-        caps.append(caps[-1])
-    return caps
+    return distinct_captions(lambda r: _video_caption(spec, r), rng, n)
 
 
 # ------------------------------------------------------------------------------------------------------- frames
