@@ -8,7 +8,6 @@ the compact embedded format with a model card.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +107,7 @@ def pretrain_embedded(
 ) -> dict[str, Any]:
     """Pretrain ``model`` on ``world``'s base part and write ``out/<model>.safetensors`` plus a model card."""
     cfg = pretrain_config(model, world, steps, batch_size, lr, seed, runs_dir)
-    start = time.perf_counter()
     result = train(cfg, progress=progress)
-    seconds = time.perf_counter() - start
     method = build_model(cfg, torch.device("cpu"))
     run_dir = runs_dir / cfg.run_name
     load_trainable(latest_checkpoint(run_dir) / "trainable.safetensors", method)
@@ -133,7 +130,6 @@ def pretrain_embedded(
     report = zero_shot_report(model, weights, world)
     card = {
         **meta,
-        "wall_seconds_this_invocation": round(seconds, 1),
         "kept_token_rows": len(keep),
         "logit_scale": round(float(clip.logit_scale.detach().exp()), 3),
         "final_val_during_training": result.get("val"),
