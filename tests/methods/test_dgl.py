@@ -92,3 +92,13 @@ def test_bad_options(tiny) -> None:
         build_method({"name": "dgl", "latent": "mlp"}, tiny)
     with pytest.raises(ValueError, match="video_embedding"):
         build_method({"name": "dgl", "video_embedding": "cls"}, tiny)
+
+
+def test_max_words_truncates_keeping_end_of_text(tiny) -> None:
+    method = _dgl(tiny, latent="linear")
+    method.max_words = 8
+    tokens = method.tokenize(["a large red star left of a small blue circle above a green square"])
+    assert tokens.shape == (1, 8)
+    assert int(tokens[0].argmax()) == 7  # end-of-text at max_words - 1 (spec 10.6)
+    with torch.no_grad():
+        assert method.encode_text(tokens).shape == (1, tiny.embed_dim)

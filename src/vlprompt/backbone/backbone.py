@@ -84,11 +84,14 @@ class Backbone(nn.Module):
         return self.model.logit_scale.device
 
     # ---- encoding ---------------------------------------------------------------------------
-    def tokenize(self, texts: str | Sequence[str]) -> Tensor:
-        """Token ids ``[N, context_length]`` on the model's device."""
+    def tokenize(self, texts: str | Sequence[str], max_words: int | None = None) -> Tensor:
+        """Token ids ``[N, L]`` on the model's device; ``max_words`` truncates (end-of-text kept) below the context."""
         if isinstance(texts, str):
             texts = [texts]
-        return self.tokenizer(list(texts)).to(self.device)
+        if max_words is not None and not 2 < max_words <= self.context_length:
+            raise ValueError(f"max_words must be in 3..{self.context_length}, got {max_words}")
+        tokens = self.tokenizer(list(texts), context_length=max_words) if max_words else self.tokenizer(list(texts))
+        return tokens.to(self.device)
 
     def encode_image(self, images: Tensor, prompts: PromptPlan | None = None, normalize: bool = False) -> Tensor:
         """Embed images ``[B, 3, H, W]`` (or frames ``[B, T, 3, H, W]``) under an optional prompt plan."""

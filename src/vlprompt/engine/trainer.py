@@ -54,6 +54,7 @@ def build_model(cfg: Config, device: torch.device) -> Method:
         cfg.backbone.name, cfg.backbone.pretrained, device=device, precision=cfg.backbone.precision
     )
     method = build_method(cfg.method, backbone).to(device)
+    method.max_words = cfg.data.max_words
     if cfg.train.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return method

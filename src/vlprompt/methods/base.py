@@ -58,6 +58,7 @@ class Method(nn.Module):
         self.backbone = backbone.freeze()
         self.options = options if options is not None else self.Options()
         self.n_placeholders = 0
+        self.max_words = 0  # 0 = the model's context length; set from data.max_words (DGL uses 32)
         self.loss_fn = ClipLoss()
 
     # ---- prompts ------------------------------------------------------------------------------
@@ -71,7 +72,7 @@ class Method(nn.Module):
         if self.n_placeholders:
             prefix = " ".join([self.placeholder] * self.n_placeholders) + " "
             texts = [prefix + t for t in texts]
-        return self.backbone.tokenize(list(texts))
+        return self.backbone.tokenize(list(texts), self.max_words or None)
 
     def encode_image(self, images: Tensor, plans: Plans | None = None) -> Tensor:
         """L2-normalised image embeddings ``[B, E]``."""
