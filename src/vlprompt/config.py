@@ -33,6 +33,7 @@ class DataConfig:
     test: str = ""
     video_root: str = ""  # video formats: folder of the videos (default: <root>/videos)
     num_frames: int = 12  # video formats: frames sampled per video (segment sampling)
+    order_pairs: str = ""  # video formats: JSON list of [video_id, video_id] time-reversed test pairs (order metric)
     max_words: int = 0  # captions are cut to this many tokens, start/end-of-text included (0 = the model's context)
     strict: bool = False  # a missing or unreadable media file is an error instead of a skipped sample
     num_workers: int = 0

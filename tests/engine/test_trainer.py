@@ -126,6 +126,7 @@ def test_video_training_on_msrvtt_layout(small_world: Path, tmp_path: Path) -> N
             "data.val=val.csv",
             "data.test=default",
             "data.num_frames=4",
+            "data.order_pairs=reversed_pairs.json",
             "train.epochs=1",
             "train.batch_size=8",
             f"out_dir={tmp_path}",
@@ -134,5 +135,6 @@ def test_video_training_on_msrvtt_layout(small_world: Path, tmp_path: Path) -> N
     )
     result = train(cfg, progress=False)
     assert result["steps"] >= 1
-    assert {"t2v/R@1", "v2t/R@1", "rsum"} <= set(result["test"])
+    assert {"t2v/R@1", "v2t/R@1", "rsum", "t2v/order_acc"} <= set(result["test"])
+    assert 0 <= result["test"]["t2v/order_acc"] <= 100
     assert evaluate_target(tmp_path / "video") == pytest.approx(result["test"])

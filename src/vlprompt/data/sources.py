@@ -7,6 +7,7 @@ evaluator) only looks at that shape.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from vlprompt.data.karpathy import GalleryImages, ImageTextPairs, load_gallery
 from vlprompt.data.media import BadSamples
 from vlprompt.data.video import VideoTransform
 from vlprompt.data.video_datasets import VIDEO_READERS, GalleryVideos, VideoTextPairs, read_video_split
-from vlprompt.errors import ConfigError
+from vlprompt.errors import ConfigError, DataError
 
 #: The value of data.train/val/test that asks a video format for its standard file of that split.
 DEFAULT_SPLIT_FILE = "default"
@@ -34,6 +35,7 @@ class EvalSet:
     num_visual: int
     names: tuple[str, str]  # metric prefixes: text->visual, visual->text
     bad_samples: BadSamples
+    order_pairs: list[tuple[int, int]] | None = None  # visual items that are time reversals of each other
 
 
 @dataclass
@@ -69,6 +71,19 @@ def _override_key(fmt: str) -> str:
     return {"msrvtt": "csv_name", "lsmdc": "csv_name", "vatex": "list_name", "msvd": "list_name"}.get(fmt, "csv_name")
 
 
+def _order_pairs(data: Any, video_ids: list[str]) -> list[tuple[int, int]] | None:
+    """Index pairs from ``data.order_pairs`` (a JSON list of [video_id, video_id]) that are both in the gallery."""
+    if not data.order_pairs:
+        return None
+    path = _path(data, data.order_pairs)
+    try:
+        raw = json.loads(path.read_text())
+        index = {v: i for i, v in enumerate(video_ids)}
+        return [(index[a], index[b]) for a, b in raw if a in index and b in index]
+    except (OSError, ValueError, TypeError) as err:
+        raise DataError(f"cannot read order pairs {path}: {err}") from err
+
+
 def train_set(data: Any, spec: VisualSpec, seed: int = 0) -> Dataset:
     """Training pairs of ``data.train``."""
     if not data.train:
@@ -91,7 +106,8 @@ def eval_set(data: Any, split: str, spec: VisualSpec) -> EvalSet | None:
         transform = VideoTransform(spec.image_size, spec.mean, spec.std)
         videos = GalleryVideos(_video_split(data, split, value), data.num_frames, transform, strict=data.strict)
         s = videos.split
-        return EvalSet(videos, s.captions, s.txt2vid, s.num_videos, ("t2v", "v2t"), videos.bad_samples)
+        pairs = _order_pairs(data, s.video_ids) if split == "test" else None
+        return EvalSet(videos, s.captions, s.txt2vid, s.num_videos, ("t2v", "v2t"), videos.bad_samples, pairs)
     gallery = load_gallery(_path(data, value), data.root, strict=data.strict)
     images = GalleryImages(gallery, spec.image_eval, strict=data.strict)
     return EvalSet(images, gallery.captions, gallery.txt2img, gallery.num_images, ("t2i", "i2t"), images.bad_samples)

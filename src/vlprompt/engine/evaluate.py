@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from vlprompt.data import collate_skip_none
 from vlprompt.data.sources import EvalSet
 from vlprompt.eval import bidirectional_metrics
+from vlprompt.eval.order import reversed_pair_accuracy
 from vlprompt.methods import Method
 
 
@@ -70,8 +71,14 @@ def evaluate_retrieval(
     """
     visual_feats, text_feats, ok = encode_gallery(method, gallery, batch_size, autocast, num_workers)
     txt2vis = torch.as_tensor(gallery.txt2vis)
+    order = {}
+    if gallery.order_pairs:
+        pairs = [(a, b) for a, b in gallery.order_pairs if ok[a] and ok[b]]
+        order[f"{gallery.names[0]}/order_acc"] = reversed_pair_accuracy(
+            text_feats, visual_feats, gallery.txt2vis, pairs
+        )
     if not bool(ok.all()):
         keep_text = ok[txt2vis]
         new_index = torch.cumsum(ok.long(), 0) - 1
         visual_feats, text_feats, txt2vis = visual_feats[ok], text_feats[keep_text], new_index[txt2vis[keep_text]]
-    return bidirectional_metrics(text_feats, visual_feats, txt2vis.tolist(), names=gallery.names)
+    return {**bidirectional_metrics(text_feats, visual_feats, txt2vis.tolist(), names=gallery.names), **order}
