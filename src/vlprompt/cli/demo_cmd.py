@@ -12,12 +12,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where runs and the report go")
     p.add_argument("--full", action="store_true", help="every row (all shifted domains), not just the headline")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--sections", default=None, help="comma-separated sections to run: retrieval, video")
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe (e.g. train.epochs=1)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlprompt.engine.demo import run_demo
+    from vlprompt.engine.demo import DEFAULT_SECTIONS, SECTIONS, run_demo
+    from vlprompt.errors import ConfigError
 
-    run_demo(args.world, args.out, full=args.full, progress=not args.quiet, overrides=args.overrides)
+    sections = tuple(args.sections.split(",")) if args.sections else DEFAULT_SECTIONS
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown demo section(s) {unknown}; known: {', '.join(SECTIONS)}")
+    run_demo(args.world, args.out, args.full, not args.quiet, args.overrides, sections)
     return 0

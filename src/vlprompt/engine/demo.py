@@ -23,6 +23,7 @@ from vlprompt.engine.trainer import train
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "world"
 METRICS = ("t2i/R@1", "t2i/R@5", "t2i/R@10", "i2t/R@1", "i2t/R@5", "i2t/R@10")
+VIDEO_METRICS = ("t2v/R@1", "t2v/R@5", "t2v/R@10", "v2t/R@1", "v2t/R@5", "v2t/R@10", "t2v/order_acc")
 
 
 @dataclass
@@ -47,20 +48,9 @@ def ensure_world(world: Path, console: Console) -> None:
     console.print(f"world built in {summary.get('seconds', '?')} s")
 
 
-def run_recipe(
-    recipe: str, world: Path, out: Path, domain: str, progress: bool, overrides: list[str]
-) -> tuple[dict[str, Any], float]:
-    """Train (or just evaluate) one world recipe on ``domain``; returns (result, seconds)."""
-    overrides = [
-        f"data.root={world}",
-        f"data.train=retrieval/train_{domain}.json",
-        f"data.val=retrieval/val_{domain}.json",
-        f"data.test=retrieval/test_{domain}.json",
-        f"out_dir={out}",
-        f"run_name={recipe}_{domain}",
-        "resume=true",
-        *overrides,
-    ]
+def run_recipe(recipe: str, out: Path, run_name: str, progress: bool, overrides: list[str]) -> tuple[dict, float]:
+    """Train (or just evaluate) one recipe of ``configs/world``; returns (result, seconds)."""
+    overrides = [f"out_dir={out}", f"run_name={run_name}", "resume=true", *overrides]
     cfg_path = CONFIGS / f"{recipe}.yaml"
     cfg = load_config(cfg_path, overrides)
     start = time.perf_counter()
@@ -69,72 +59,95 @@ def run_recipe(
     return train(cfg, progress=progress), time.perf_counter() - start
 
 
-def retrieval_shift_rows(
-    world: Path, out: Path, full: bool, progress: bool, overrides: list[str], console: Console
+def section_rows(
+    section: str, recipes: list[str], data: list[str], label: str, metrics: tuple[str, ...], ctx: dict[str, Any]
 ) -> list[Row]:
-    """Zero-shot vs CoOp vs VPT-deep vs MaPLe on image-text retrieval in shifted domains."""
-    domains = layout.SHIFTED_DOMAINS if full else ("sketch",)
+    """Run ``recipes`` with the data overrides ``data`` and collect one row each."""
     rows = []
-    for domain in domains:
-        for recipe in ("shift_zeroshot", "shift_coop", "shift_vpt", "shift_maple"):
-            console.print(f"[bold]{recipe}[/bold] on {domain} ...")
-            result, seconds = run_recipe(recipe, world, out, domain, progress, overrides)
-            rows.append(
-                Row(
-                    "retrieval under domain shift",
-                    recipe.removeprefix("shift_"),
-                    domain,
-                    {k: result["test"][k] for k in METRICS},
-                    result["params"]["trainable"],
-                    round(seconds, 1),
-                )
-            )
+    for recipe in recipes:
+        method = recipe.split("_", 1)[1]
+        ctx["console"].print(f"[bold]{section}[/bold]: {method} ({label}) ...")
+        result, seconds = run_recipe(recipe, ctx["out"], f"{recipe}_{label}", ctx["progress"], data + ctx["overrides"])
+        test = result["test"]
+        row = Row(section, method, label, {k: test[k] for k in metrics if k in test}, result["params"]["trainable"],
+                  round(seconds, 1))  # fmt: skip
+        rows.append(row)
     return rows
+
+
+def retrieval_shift_rows(world: Path, full: bool, ctx: dict[str, Any]) -> list[Row]:
+    """Zero-shot vs CoOp vs VPT-deep vs MaPLe on image-text retrieval in shifted domains."""
+    rows = []
+    for domain in layout.SHIFTED_DOMAINS if full else ("sketch",):
+        data = [f"data.root={world}", f"data.train=retrieval/train_{domain}.json",
+                f"data.val=retrieval/val_{domain}.json", f"data.test=retrieval/test_{domain}.json"]  # fmt: skip
+        recipes = ["shift_zeroshot", "shift_coop", "shift_vpt", "shift_maple"]
+        rows += section_rows("retrieval under domain shift", recipes, data, domain, METRICS, ctx)
+    return rows
+
+
+def video_rows(world: Path, full: bool, ctx: dict[str, Any]) -> list[Row]:
+    """Order-sensitive text-video retrieval: meanP (zero-shot, fine-tuned) vs DGL-Linear vs DGL-Transformer."""
+    recipes = ["video_zeroshot", "video_meanp", "video_dgl_linear", "video_dgl_transformer"]
+    if not full:
+        recipes = ["video_zeroshot", "video_dgl_transformer"]
+    data = [f"data.root={layout.video_root(world)}"]
+    return section_rows("order-sensitive text-video retrieval", recipes, data, "video", VIDEO_METRICS, ctx)
+
+
+#: Demo sections by name. ``make demo`` runs DEFAULT_SECTIONS; the video rows join it once measured within its bound.
+SECTIONS = {"retrieval": retrieval_shift_rows, "video": video_rows}
+DEFAULT_SECTIONS = ("retrieval",)
+
+
+def _columns(rows: list[Row]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r.metrics))
 
 
 def print_table(rows: list[Row], console: Console) -> None:
     """The results in the terminal, one table per section."""
     for section in dict.fromkeys(r.section for r in rows):
+        part = [r for r in rows if r.section == section]
+        metrics = _columns(part)
         table = Table(title=section)
-        for col in ("method", "domain", *METRICS, "trainable", "time (s)"):
+        for col in ("method", "domain", *metrics, "trainable", "time (s)"):
             table.add_column(col, justify="left" if col in ("method", "domain") else "right")
-        for r in (r for r in rows if r.section == section):
-            cells = (f"{r.metrics[m]:.1f}" for m in METRICS)
+        for r in part:
+            cells = (f"{r.metrics[m]:.1f}" if m in r.metrics else "-" for m in metrics)
             table.add_row(r.method, r.domain, *cells, f"{r.trainable:,}", f"{r.seconds:.1f}")
         console.print(table)
 
 
 def report(rows: list[Row], out: Path) -> Path:
-    """Write ``out/report.html`` and ``out/results.json``."""
-    flat = [
-        {
-            "section": r.section,
-            "method": r.method,
-            "domain": r.domain,
-            **r.metrics,
-            "trainable": r.trainable,
-            "time (s)": r.seconds,
-        }
-        for r in rows
-    ]
+    """Write ``out/report.html`` (a table and a plot per section) and ``out/results.json``."""
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-    domains = sorted({r.domain for r in rows})
-    methods = list(dict.fromkeys(r.method for r in rows))
-    series = {
-        m: [next((r.metrics["t2i/R@1"] for r in rows if r.method == m and r.domain == d), 0.0) for d in domains]
-        for m in methods
-    }
-    sections = [
-        ("Results", html_table(flat, ["section", "method", "domain", *METRICS, "trainable", "time (s)"])),
-        ("Text-to-image R@1 by domain", bar_chart(domains, series, "t2i R@1", "retrieval under domain shift")),
-    ]
+    sections = []
+    for section in dict.fromkeys(r.section for r in rows):
+        part = [r for r in rows if r.section == section]
+        metrics = _columns(part)
+        flat = [{"method": r.method, "domain": r.domain, **r.metrics, "trainable": r.trainable, "time (s)": r.seconds}
+                for r in part]  # fmt: skip
+        sections.append((section, html_table(flat, ["method", "domain", *metrics, "trainable", "time (s)"])))
+        key = metrics[0]
+        domains = list(dict.fromkeys(r.domain for r in part))
+        methods = list(dict.fromkeys(r.method for r in part))
+        series = {
+            m: [next((r.metrics[key] for r in part if r.method == m and r.domain == d), 0.0) for d in domains]
+            for m in methods
+        }
+        sections.append((f"{section}: {key}", bar_chart(domains, series, key, section)))
     return write_report(out / "report.html", "vlprompt demo", sections)
 
 
 def run_demo(
-    world: Path, out: Path, full: bool = False, progress: bool = True, overrides: list[str] | None = None
+    world: Path,
+    out: Path,
+    full: bool = False,
+    progress: bool = True,
+    overrides: list[str] | None = None,
+    sections: tuple[str, ...] = DEFAULT_SECTIONS,
 ) -> list[Row]:
-    """Build what is missing, run every demo row, print the table and write the report.
+    """Build what is missing, run the demo rows of ``sections``, print the table and write the report.
 
     ``overrides`` (``key=value``) apply to every recipe, e.g. ``train.epochs=1`` for a quick look.
     """
@@ -142,7 +155,10 @@ def run_demo(
     start = time.perf_counter()
     ensure_world(world, console)
     out.mkdir(parents=True, exist_ok=True)
-    rows = retrieval_shift_rows(world, out, full, progress, list(overrides or []), console)
+    ctx = {"out": out, "progress": progress, "overrides": list(overrides or []), "console": console}
+    rows = []
+    for name in sections:
+        rows += SECTIONS[name](world, full, ctx)
     print_table(rows, console)
     path = report(rows, out)
     console.print(f"report: {path}   total {time.perf_counter() - start:.0f} s")

@@ -25,7 +25,7 @@ from vlprompt.engine.evaluate import autocast_context, evaluate_retrieval, split
 from vlprompt.engine.progress import TrainProgress
 from vlprompt.engine.rundir import append_metrics, prepare_run_dir, run_dir_for, write_json
 from vlprompt.errors import ConfigError
-from vlprompt.methods import Method, build_method
+from vlprompt.methods import Method, build_method, option_names
 
 
 def seed_everything(seed: int) -> None:
@@ -53,7 +53,10 @@ def build_model(cfg: Config, device: torch.device) -> Method:
     backbone = load_backbone(
         cfg.backbone.name, cfg.backbone.pretrained, device=device, precision=cfg.backbone.precision
     )
-    method = build_method(cfg.method, backbone).to(device)
+    section = dict(cfg.method)
+    if section.get("frames", None) in (None, 0) and "frames" in option_names(section.get("name", "")):
+        section["frames"] = cfg.data.num_frames  # video methods with per-frame parameters follow the data
+    method = build_method(section, backbone).to(device)
     method.max_words = cfg.data.max_words
     if cfg.train.grad_checkpointing:
         backbone.set_grad_checkpointing(True)

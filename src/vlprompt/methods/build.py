@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,6 +14,11 @@ from vlprompt.methods.base import METHODS, Method
 def list_methods() -> list[str]:
     """Names of the registered methods."""
     return METHODS.names()
+
+
+def option_names(name: str) -> set[str]:
+    """The option names of method ``name`` (empty for an unknown name; building it reports the error)."""
+    return {f.name for f in dataclasses.fields(METHODS.get(name).Options)} if name in METHODS else set()
 
 
 def build_method(section: Mapping[str, Any], backbone: Backbone) -> Method:

@@ -37,7 +37,7 @@ class DGLOptions:
     n_global: int = 4  # G global prompts
     n_local: int = 4  # P local prompts per frame (and P prefix + P postfix text prompts)
     depth: int = 0  # prompt layers K (0 = every layer)
-    frames: int = 12  # T; the transformer generator has per-frame prompts, so it must match data.num_frames
+    frames: int = 0  # T, for the transformer's per-frame prompts; 0 = data.num_frames (set by the engine)
     video_embedding: str = "frame_mean"
     postfix: str = "before_eot"
 
@@ -64,6 +64,8 @@ class DGL(Method):
         if o.latent == "linear":
             self.prompts = DGLLinearPrompts(depth, o.n_local, o.n_global, **widths)
         elif o.latent == "transformer":
+            if o.frames < 1:
+                raise ValueError("dgl.frames must be set (the transformer generator has per-frame prompts)")
             heads = backbone.vision.blocks[0].attn.num_heads
             self.prompts = DGLTransformerPrompts(depth, o.n_local, o.n_global, 2 * o.n_local, o.frames, heads=heads,
                                                  **widths)  # fmt: skip
@@ -87,6 +89,8 @@ class DGL(Method):
     def encode_video(self, frames: Tensor, mask: Tensor | None = None, plans: Plans | None = None) -> Tensor:
         """Video embeddings ``[B, E]`` under global-local attention; the frame mask is ignored, as in DGL."""
         plans = plans if plans is not None else self.plans()
+        if self.options.latent == "transformer" and frames.shape[1] != self.options.frames:
+            raise ValueError(f"DGL-Transformer has prompts for {self.options.frames} frames, got {frames.shape[1]}")
         how = self.options.video_embedding
         out = self.backbone.vision(frames, plans.image, return_tokens=how in ("global_mean", "global_and_frame_mean"))
         if how == "global_prompt0":
