@@ -172,7 +172,9 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
             method.train()
             if hasattr(pairs, "set_epoch"):  # video pairs draw their random frames per epoch
                 pairs.set_epoch(epoch)
-            order = epoch_order(len(pairs), cfg.seed, epoch)[micro_done * t.batch_size :]
+            # whole optimizer steps only, so no gradient of one epoch leaks into the next epoch's first step
+            used = steps_per_epoch * t.grad_accum * t.batch_size
+            order = epoch_order(len(pairs), cfg.seed, epoch)[micro_done * t.batch_size : used]
             loader = DataLoader(
                 pairs,
                 batch_size=t.batch_size,
