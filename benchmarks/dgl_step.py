@@ -56,8 +56,6 @@ def main() -> None:
     p.add_argument("--methods", default="meanp,dgl_linear,dgl_transformer,floor")
     args = p.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    video = torch.randn(args.videos, args.frames, 3, 224, 224, device=device)
     captions = ["a man is playing a guitar on a stage in front of a crowd"] * args.captions
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
     sections = {
@@ -67,7 +65,10 @@ def main() -> None:
     }
     results = {}
     for name in args.methods.split(","):
+        torch.manual_seed(0)
         backbone = vlprompt.load_backbone(args.model, pretrained=None, device=device)
+        size = backbone.image_size
+        video = torch.randn(args.videos, args.frames, 3, size, size, device=device)
         if name == "floor":
             results[name] = floor(backbone, video, args, ctx)
             continue
