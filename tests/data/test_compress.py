@@ -5,7 +5,6 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from vlprompt.data import compress
@@ -14,22 +13,7 @@ from vlprompt.errors import DataError
 
 av = pytest.importorskip("av")
 
-
-def write_video(path: Path, n: int = 10, h: int = 32, w: int = 48, fps: int = 10) -> Path:
-    """Frame i is flat grey 20*i + 10."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w", format="mp4") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        s.options = {"qmin": "2", "qmax": "2"}
-        for i in range(n):
-            f = av.VideoFrame.from_ndarray(np.full((h, w, 3), 20 * i + 10, np.uint8), format="rgb24")
-            f.pts = i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+from .videos import write_video  # noqa: E402
 
 
 def probe(path: Path) -> tuple[int, int, Fraction, list[int]]:
