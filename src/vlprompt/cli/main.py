@@ -12,7 +12,10 @@ import importlib
 import sys
 
 # Subcommand modules, in the order they appear in --help.
-COMMANDS = ["train", "eval", "metrics", "params", "list", "world", "pretrain", "demo", "video"]
+COMMANDS = [
+    "train", "eval", "continual", "tta", "metrics", "params", "list", "features", "index", "search", "serve",
+    "report", "world", "pretrain", "demo", "video",
+]  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

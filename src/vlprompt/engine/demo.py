@@ -120,7 +120,8 @@ def print_table(rows: list[Row], console: Console) -> None:
 
 def report(rows: list[Row], out: Path) -> Path:
     """Write ``out/report.html`` (a table and a plot per section) and ``out/results.json``."""
-    (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    saved = [{**asdict(r), "extra": {k: v for k, v in r.extra.items() if k != "figures"}} for r in rows]
+    (out / "results.json").write_text(json.dumps(saved, indent=2) + "\n")
     sections = []
     for section in dict.fromkeys(r.section for r in rows):
         part = [r for r in rows if r.section == section]
@@ -136,6 +137,8 @@ def report(rows: list[Row], out: Path) -> Path:
             for m in methods
         }
         sections.append((f"{section}: {key}", bar_chart(domains, series, key, section)))
+        # a section may attach its own plots (e.g. continual accuracy heatmaps): extra["figures"] = [(title, html)]
+        sections += [tuple(f) for r in part for f in r.extra.get("figures", [])]
     return write_report(out / "report.html", "vlprompt demo", sections)
 
 

@@ -37,6 +37,25 @@ def bar_chart(groups: Sequence[str], series: dict[str, Sequence[float]], ylabel:
     return figure_to_html(fig)
 
 
+def heatmap(
+    matrix: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], title: str, fmt: str = "{:.1f}"
+) -> str:
+    """A matrix (e.g. continual accuracy R[i][j]) as an annotated heatmap; NaN cells stay blank."""
+    import numpy as np
+
+    values = np.asarray(matrix, dtype=float)
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.55 * len(cols) + 1.5), max(2.5, 0.45 * len(rows) + 1.2)))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=6, color="white")
+    fig.colorbar(image, ax=ax)
+    ax.set_title(title)
+    return figure_to_html(fig)
+
+
 def html_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     """An HTML table of ``rows`` restricted to ``columns``."""
 
