@@ -102,3 +102,37 @@ def test_max_words_truncates_keeping_end_of_text(tiny) -> None:
     assert int(tokens[0].argmax()) == 7  # end-of-text at max_words - 1 (spec 10.6)
     with torch.no_grad():
         assert method.encode_text(tokens).shape == (1, tiny.embed_dim)
+
+
+@pytest.mark.parametrize("latent", ["linear", "transformer"])
+def test_official_checkpoint_keys_round_trip(tiny, latent: str, tmp_path: Path) -> None:
+    from vlprompt.engine.checkpoint import load_reference_checkpoint
+    from vlprompt.errors import ConfigError
+    from vlprompt.methods.dgl import to_reference_state_dict
+
+    source = _dgl(tiny, latent=latent)
+    official = {"module." + k: v.clone() for k, v in to_reference_state_dict(source).items()}
+    # an official file also holds the frozen CLIP; those tensors must be ignored
+    official["module.clip.visual.conv1.weight"] = torch.zeros(1)
+    spec_keys = {  # spec section 9.14
+        "linear": ["visual_prompt_embedding", "prefix_text_prompt_proj_layer.weight",
+                   "postfix_text_prompt_proj_layer.bias", "visual.prompt_embeddings"],
+        "transformer": ["unified_prompt_embedding.weight", "PromptTransformer.resblocks.0.attn.in_proj_weight",
+                        "unified_prompt_mlp.c_fc.weight", "unified_prompt_mlp.c_proj.bias",
+                        "visual.prompt_embeddings"],
+    }  # fmt: skip
+    assert {f"module.clip.{k}" for k in spec_keys[latent]} <= set(official)
+    assert len(official) - 1 == len(source.trainable_state_dict())
+    torch.save(official, tmp_path / "dgl.pth")
+    torch.manual_seed(5)
+    target = build_method({"name": "dgl", "frames": 3, "latent": latent}, tiny)
+    assert not torch.equal(target.prompts.global_prompts, source.prompts.global_prompts)
+    load_reference_checkpoint(tmp_path / "dgl.pth", target)
+    for name, tensor in source.trainable_state_dict().items():
+        assert torch.equal(target.trainable_state_dict()[name], tensor), name
+    other = "transformer" if latent == "linear" else "linear"
+    with pytest.raises(ConfigError, match=f"not a DGL-{other} checkpoint"):
+        load_reference_checkpoint(tmp_path / "dgl.pth", build_method({"name": "dgl", "frames": 3, "latent": other},
+                                                                      tiny))  # fmt: skip
+    with pytest.raises(ConfigError, match="not found"):
+        load_reference_checkpoint(tmp_path / "missing.pth", target)

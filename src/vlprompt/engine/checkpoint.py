@@ -58,6 +58,27 @@ def load_trainable(path: Path, module: nn.Module) -> None:
     module.load_state_dict(tensors, strict=False)
 
 
+def load_reference_checkpoint(path: Path, method: nn.Module) -> None:
+    """Start ``method`` from a checkpoint of the method's original code (e.g. an official DGL ``.pth``)."""
+    from vlprompt.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(f"reference checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt file or not a tensor dict
+        raise ConfigError(f"cannot read reference checkpoint {path}: {err}") from err
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        ours = method.import_reference(state)
+    except KeyError as err:
+        raise ConfigError(f"{path}: {err.args[0]}") from err
+    own = method.state_dict()
+    if bad := [k for k, v in ours.items() if k not in own or own[k].shape != v.shape]:
+        raise ConfigError(f"{path}: tensors do not fit this model (other options or backbone?): {bad[:5]}")
+    method.load_state_dict(ours, strict=False)
+
+
 def save_checkpoint(run_dir: Path, module: nn.Module, loop_state: dict[str, Any], keep: int = 1) -> Path:
     """Write a complete checkpoint, then point ``latest`` at it and prune older ones."""
     root = run_dir / "checkpoints"

@@ -125,6 +125,10 @@ class Method(nn.Module):
         names = {n for n, p in self.named_parameters() if p.requires_grad}
         return {n: t for n, t in self.state_dict().items() if n in names}
 
+    def import_reference(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The trainable tensors of the method's original code's checkpoint under our names (if it has one)."""
+        raise NotImplementedError(f"method {self.name!r} does not read reference checkpoints")
+
     def parameter_counts(self) -> dict[str, int]:
         """``{"trainable": N, "total": M}`` (the frozen backbone included in the total)."""
         unique = {id(p): p for p in self.parameters()}.values()

@@ -40,6 +40,7 @@ class DGLOptions:
     frames: int = 0  # T, for the transformer's per-frame prompts; 0 = data.num_frames (set by the engine)
     video_embedding: str = "frame_mean"
     postfix: str = "before_eot"
+    reference_checkpoint: str = ""  # an official DGL checkpoint to start from (read by the engine)
 
 
 @register_method("dgl")
@@ -102,9 +103,62 @@ class DGL(Method):
             video = globals_.mean(1) if how == "global_mean" else torch_cat_mean(globals_, out.frames)
         return F.normalize(video, dim=-1)
 
+    def import_reference(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """An official DGL checkpoint's prompt tensors under our names (spec section 9.14)."""
+        return from_reference_state_dict(state_dict, self.options.latent)
+
     def encode_image(self, images: Tensor, plans: Plans | None = None) -> Tensor:
         """Images are one-frame videos."""
         return self.encode_video(images.unsqueeze(1), None, plans)
+
+
+#: The reference's trainable keys (official checkpoints, after stripping ``module.`` and ``clip.``) → ours.
+REFERENCE_KEYS = {
+    "linear": {
+        "visual_prompt_embedding": "prompts.visual",
+        "prefix_text_prompt_proj_layer.": "prompts.prefix_proj.",
+        "postfix_text_prompt_proj_layer.": "prompts.postfix_proj.",
+        "visual.prompt_embeddings": "prompts.global_prompts",
+    },
+    "transformer": {
+        "unified_prompt_embedding.weight": "prompts.embedding.weight",
+        "PromptTransformer.resblocks.0.": "prompts.block.",  # the same CLIP block layout as open_clip's
+        "unified_prompt_mlp.c_fc.": "prompts.mlp.0.",
+        "unified_prompt_mlp.c_proj.": "prompts.mlp.2.",
+        "visual.prompt_embeddings": "prompts.global_prompts",
+    },
+}
+
+
+def from_reference_state_dict(state_dict: dict[str, Tensor], latent: str) -> dict[str, Tensor]:
+    """The prompt tensors of an official DGL checkpoint under our names (the frozen CLIP in it is dropped).
+
+    Both layouts are the reference's own (``[1, P, K*Dv]`` frame table, frame-major rows), so tensors map one
+    to one. Raises ``KeyError`` naming what is missing when the checkpoint is not a DGL-``latent`` one.
+    """
+    table = REFERENCE_KEYS[latent]
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("module.").removeprefix("clip.")
+        for theirs, ours in table.items():
+            if key == theirs or (theirs.endswith(".") and key.startswith(theirs)):
+                out[ours + key[len(theirs) :]] = value
+    found = {theirs for theirs in table if any(k.removeprefix("module.").removeprefix("clip.").startswith(theirs)
+                                               for k in state_dict)}  # fmt: skip
+    if missing := sorted(set(table) - found):
+        raise KeyError(f"not a DGL-{latent} checkpoint: no {', '.join(missing)}")
+    return out
+
+
+def to_reference_state_dict(method: DGL) -> dict[str, Tensor]:
+    """Our trainable prompt tensors under the reference's names (prefixed ``clip.``), the inverse mapping."""
+    table = REFERENCE_KEYS[method.options.latent]
+    out = {}
+    for key, value in method.trainable_state_dict().items():
+        for theirs, ours in table.items():
+            if key == ours or (ours.endswith(".") and key.startswith(ours)):
+                out["clip." + theirs + key[len(ours) :]] = value
+    return out
 
 
 def torch_cat_mean(a: Tensor, b: Tensor) -> Tensor:
