@@ -10,17 +10,25 @@ from __future__ import annotations
 import math
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from vlprompt.backbone import Backbone, load_backbone
 from vlprompt.config import Config
 from vlprompt.data import collate_skip_none
 from vlprompt.data.sources import VisualSpec, eval_set, train_set
-from vlprompt.engine.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from vlprompt.engine import distributed
+from vlprompt.engine.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_reference_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
 from vlprompt.engine.evaluate import autocast_context, evaluate_retrieval, split_visual_batch
 from vlprompt.engine.progress import TrainProgress
 from vlprompt.engine.rundir import append_metrics, prepare_run_dir, run_dir_for, write_json
@@ -58,6 +66,8 @@ def build_model(cfg: Config, device: torch.device) -> Method:
         section["frames"] = cfg.data.num_frames  # video methods with per-frame parameters follow the data
     method = build_method(section, backbone).to(device)
     method.max_words = cfg.data.max_words
+    if path := getattr(method.options, "reference_checkpoint", ""):
+        load_reference_checkpoint(Path(path), method)
     if cfg.train.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     return method
@@ -99,6 +109,20 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_items, generator=generator).tolist()
 
 
+class WithSampleIndex(Dataset):
+    """A training set whose items carry their own index last: ``(*item, i)`` (``None`` stays ``None``)."""
+
+    def __init__(self, data: Dataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        item = self.data[i]
+        return None if item is None else (*item, i)
+
+
 class _Interrupt(Exception):
     """Raised by tests to simulate a kill at a given step."""
 
@@ -107,12 +131,15 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     """Train ``cfg``'s method; returns the final metrics (also written to ``RUN_DIR/metrics.json``)."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give an annotation file to train on (or use `vlprompt eval`)")
-    device = resolve_device(cfg.device)
+    info = distributed.from_environment()  # torchrun's ranks, or one process
+    device = distributed.init_process_group(info, resolve_device(cfg.device))
     run_dir = run_dir_for(cfg)
     checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
     if not cfg.resume and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose another run_name")
-    prepare_run_dir(cfg)
+    if info.is_main:  # rank 0 alone writes files
+        prepare_run_dir(cfg)
+    distributed.barrier(info)
     seed_everything(cfg.seed)
 
     method = build_model(cfg, device)
@@ -120,6 +147,12 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     spec = visual_spec(backbone)
     pairs = train_set(cfg.data, spec, seed=cfg.seed)
     val = eval_set(cfg.data, "val", spec)
+    # Methods that look up per-sample training data (RVLR's teacher features) get the set once and then each
+    # batch's indices: the item's own index in `pairs` (sample_index) and its image index (visual_index).
+    bind = getattr(method, "bind_train_set", None)
+    if bind is not None:
+        bind(pairs, cfg.data)
+    loader_set = WithSampleIndex(pairs) if bind is not None else pairs
 
     t = cfg.train
     micro_per_epoch = len(pairs) // t.batch_size
@@ -143,7 +176,11 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
         step, epoch, micro_done = state["step"], state["epoch"], state["micro_done"]
         set_rng_state(state["rng"])
 
+    model = distributed.wrap(method, info, device)  # DDP over ranks; the method itself when single-process
+
     def checkpoint_now() -> None:
+        if not info.is_main:
+            return
         save_checkpoint(
             run_dir,
             method,
@@ -165,7 +202,7 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
 
     counts = method.parameter_counts()
     start = time.perf_counter()
-    display = TrainProgress(total_steps, enabled=progress)
+    display = TrainProgress(total_steps, enabled=progress and info.is_main)
     display.advance_to(step)
     with display:
         while epoch < t.epochs and step < total_steps:
@@ -175,9 +212,11 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
             # whole optimizer steps only, so no gradient of one epoch leaks into the next epoch's first step
             used = steps_per_epoch * t.grad_accum * t.batch_size
             order = epoch_order(len(pairs), cfg.seed, epoch)[micro_done * t.batch_size : used]
+            if info.enabled:  # each rank its share of every global batch
+                order = distributed.rank_share(order, t.batch_size, info)
             loader = DataLoader(
-                pairs,
-                batch_size=t.batch_size,
+                loader_set,
+                batch_size=t.batch_size // info.world_size,
                 sampler=order,
                 drop_last=True,
                 num_workers=cfg.data.num_workers,
@@ -186,11 +225,13 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
             for batch in loader:
                 micro_done += 1
                 if batch is not None:
-                    visual, mask, (captions, _) = split_visual_batch(batch)
+                    visual, mask, rest = split_visual_batch(batch)
+                    captions = rest[0]
                     tokens = method.tokenize(captions)
                     mask = mask.to(device) if mask is not None else None
+                    indices = {"visual_index": rest[1], "sample_index": rest[2]} if bind is not None else {}
                     with autocast_context(device, t.autocast):
-                        loss = method(visual.to(device), tokens, mask) / t.grad_accum
+                        loss = model(visual.to(device), tokens, mask, **indices) / t.grad_accum
                     scaler.scale(loss).backward()
                     display.record(loss.item() * t.grad_accum, len(captions))
                 if micro_done % t.grad_accum:
@@ -212,11 +253,13 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
                     break
             epoch, micro_done = epoch + 1, 0
             finished = epoch >= t.epochs or step >= total_steps
-            if val is not None and not finished and t.eval_every and epoch % t.eval_every == 0:
+            if val is not None and not finished and t.eval_every and epoch % t.eval_every == 0 and info.is_main:
                 validate(epoch)  # the final evaluation happens once, below
             checkpoint_now()
 
     result: dict[str, Any] = {"params": counts, "steps": step, "train_seconds": round(time.perf_counter() - start, 2)}
+    if not info.is_main:  # evaluation and files are rank 0's
+        return result
     if val is not None:
         result["val"] = validate(epoch)
     test = eval_set(cfg.data, "test", spec)
