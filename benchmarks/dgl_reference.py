@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import platform
 import sys
 import types
 from argparse import Namespace
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from dgl_step import floor, median_seconds, peak_memory_mb
+from common import environment, median_seconds, peak_memory_mb
+from dgl_step import floor
 
 import vlprompt
 from vlprompt.methods import build_method
@@ -170,10 +170,8 @@ def main() -> None:
     results = {latent: compare(latent, args, ref_clip, device) for latent in args.latents.split(",")}
     print(json.dumps({
         "benchmark": "dgl_reference", "model": args.model, "videos": args.videos, "frames": args.frames,
-        "captions": args.videos, "words": args.words, "device": str(device), "torch": torch.__version__,
-        "vlprompt": vlprompt.__version__, "machine": platform.processor() or platform.machine(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "threads": torch.get_num_threads(), "peak_memory_mb": round(peak_memory_mb(device), 1), "results": results,
+        "captions": args.videos, "words": args.words, **environment(device),
+        "peak_memory_mb": round(peak_memory_mb(device), 1), "results": results,
     }, indent=2))  # fmt: skip
 
 

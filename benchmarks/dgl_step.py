@@ -10,38 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
-import time
-from collections.abc import Callable
 
 import torch
+from common import environment, median_seconds, peak_memory_mb
 
 import vlprompt
 from vlprompt.backbone import PromptPlan
 from vlprompt.methods import build_method
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory, or the process's peak RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -76,9 +51,8 @@ def main() -> None:
         results[name] = time_method(method, video, captions, args.repeats, ctx)
     print(json.dumps({
         "benchmark": "dgl_step", "model": args.model, "videos": args.videos, "frames": args.frames,
-        "captions": args.captions, "autocast": args.autocast, "device": str(device), "torch": torch.__version__,
-        "vlprompt": vlprompt.__version__, "machine": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "peak_memory_mb": round(peak_memory_mb(device), 1), "results": results,
+        "captions": args.captions, "autocast": args.autocast, **environment(device),
+        "peak_memory_mb": round(peak_memory_mb(device), 1), "results": results,
     }, indent=2))  # fmt: skip
 
 

@@ -10,29 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
-from collections.abc import Callable
 
 import torch
+from common import environment, median_seconds
 
 import vlprompt
 from vlprompt.backbone import PromptPlan
-
-
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -62,12 +45,11 @@ def main() -> None:
     results = {}
     with torch.no_grad(), ctx:
         for name, fn in cases.items():
-            seconds = timed(fn, args.repeats, device)
+            seconds = median_seconds(fn, args.repeats)
             results[name] = {"seconds": round(seconds, 4), "items_per_s": round(args.batch / seconds, 1)}
     print(json.dumps({
-        "benchmark": "towers", "model": args.model, "batch": args.batch, "device": str(device),
-        "autocast": args.autocast, "torch": torch.__version__, "vlprompt": vlprompt.__version__,
-        "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "results": results,
+        "benchmark": "towers", "model": args.model, "batch": args.batch,
+        "autocast": args.autocast, **environment(device), "results": results,
     }, indent=2))  # fmt: skip
 
 
