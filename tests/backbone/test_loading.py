@@ -140,3 +140,14 @@ def test_unreadable_checkpoint_is_a_weights_error(tmp_path, kind):
         torch.save(vlprompt.load_backbone("vlprompt-small", pretrained=None).model.state_dict(), path)
     with pytest.raises(WeightsUnavailableError, match=str(path)):
         vlprompt.load_backbone("vlprompt-tiny", pretrained=str(path))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_shipped_weights_load_on_the_gpu():
+    cpu = vlprompt.load_backbone("vlprompt-tiny", pretrained="world")
+    gpu = vlprompt.load_backbone("vlprompt-tiny", pretrained="world", device="cuda")
+    tokens = cpu.tokenize(["a red star"])
+    with torch.no_grad():
+        expected = cpu.encode_text(tokens)
+        got = gpu.encode_text(tokens.cuda()).cpu()
+    assert torch.allclose(got, expected, atol=1e-4)

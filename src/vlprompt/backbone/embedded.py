@@ -55,8 +55,8 @@ def load_embedded_weights(model: nn.Module, path: Path) -> None:
     rows, values = tensors.pop(ROWS_KEY), tensors.pop(VALUES_KEY)
     name = _embedding_name(model)
     reference = model.state_dict()[name]
-    table = torch.zeros_like(reference)
-    table[rows] = values.to(table.dtype)
+    table = torch.zeros_like(reference)  # on the model's device (a GPU when created there)
+    table[rows.to(table.device)] = values.to(table.device, table.dtype)
     tensors[name] = table
     tensors = {k: v.to(reference.dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(tensors, strict=False)
