@@ -6,7 +6,9 @@ Nothing here downloads silently into a stack trace: when weights are missing and
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import logging
 import os
 from pathlib import Path
 
@@ -83,9 +85,10 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
     weights = resolve_pretrained(name, pretrained)
     embedded = weights is not None and is_embedded_file(weights)
     try:
-        created = open_clip.create_model_and_transforms(
-            name, pretrained=None if embedded else weights, device=device, precision=precision
-        )
+        with _no_random_init_warning(embedded):  # the shipped weights are loaded right below
+            created = open_clip.create_model_and_transforms(
+                name, pretrained=None if embedded else weights, device=device, precision=precision
+            )
     except Exception as err:  # open_clip surfaces download and unpickling failures as many exception types
         raise WeightsUnavailableError(_missing_weights_message(name, weights, err)) from err
     if embedded:
@@ -113,3 +116,19 @@ def _missing_weights_message(name: str, tag: str | None, err: Exception) -> str:
         f"{source} (open_clip.pretrained cfg) on a machine with internet, then either place the Hugging Face "
         f"cache under $HF_HOME, or pass backbone.pretrained=/path/to/the/checkpoint file."
     )
+
+
+@contextlib.contextmanager
+def _no_random_init_warning(active: bool):
+    """Hide open_clip's "initialized randomly" warning while creating a model whose weights we load next."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)

@@ -1,0 +1,305 @@
+"""Query an index folder (see :mod:`vlprompt.index.build`): a text, an image or video file, or one of its items.
+
+The query goes through the same encoder that built the index (rebuilt from the manifest's model spec), then
+FAISS returns the top k rows by inner product of L2-normalised embeddings (cosine similarity). Equal scores among
+the returned rows are ordered by row (which of several equal-scoring items, e.g. duplicate captions, fill the last
+places is FAISS's deterministic choice). For ``ivfpq`` indexes, ``rerank`` x k
+candidates are re-scored exactly from the feature cache, so every score shown is an exact cosine similarity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlprompt.errors import DataError
+from vlprompt.index.build import FORMAT, MANIFEST, VERSION, import_faiss, open_caches
+from vlprompt.methods import Method
+
+
+@dataclass
+class Hit:
+    """One result: its rank (1 = best), index row, cosine similarity and item record."""
+
+    rank: int
+    row: int
+    score: float
+    item: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        public = {k: v for k, v in self.item.items() if k not in ("part", "cache_row")}
+        return {"rank": self.rank, "row": self.row, "score": self.score, **public}
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """An index folder's manifest, or a DataError saying what is wrong with the folder."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        if (root / "cache").is_dir():
+            raise DataError(
+                f"{root} is an unfinished index (no {MANIFEST}); run the same `vlprompt index build` again"
+            )
+        raise DataError(f"{root} is not an index folder (no {MANIFEST}); build one with `vlprompt index build`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"unreadable index manifest {path}: {err}") from err
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise DataError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    return manifest
+
+
+class SearchIndex:
+    """A loaded index folder: items, FAISS index, feature caches and (unless ``encoder=False``) the query encoder.
+
+    ``media_root`` replaces the folder the item paths are relative to (media moved since the build);
+    ``ef_search`` (hnsw) and ``nprobe`` (ivfpq) override the search parameters stored in the manifest.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        device: str = "auto",
+        encoder: bool | Method = True,
+        media_root: str | os.PathLike | None = None,
+        ef_search: int | None = None,
+        nprobe: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        faiss = import_faiss()
+        try:
+            self.items: list[dict[str, Any]] = [
+                json.loads(line) for line in (self.root / self.manifest["items"]).read_text().splitlines() if line
+            ]
+            self.index = faiss.read_index(str(self.root / self.manifest["index"]["file"]))
+        except (OSError, ValueError, RuntimeError) as err:
+            raise DataError(f"index folder {self.root} is damaged: {err}") from err
+        if len(self.items) != self.index.ntotal or self.index.ntotal != self.manifest["count"]:
+            raise DataError(f"index folder {self.root} is inconsistent: items, index and manifest counts differ")
+        self.caches = open_caches(self.root, self.manifest)
+        root_dir = media_root if media_root is not None else self.manifest.get("media_root")
+        self.media_root = os.path.abspath(root_dir) if root_dir else None
+        params = self.manifest["index"]["params"]
+        self.ef_search = int(ef_search or params.get("ef_search") or 0)
+        self.nprobe = int(nprobe or params.get("nprobe") or 0)
+        if self.nprobe:
+            faiss.extract_index_ivf(self.index).nprobe = self.nprobe
+        self.method: Method | None = None
+        if isinstance(encoder, Method):
+            self.method = encoder.eval()
+        elif encoder:
+            from vlprompt.index.sources import load_model
+
+            self.method = load_model(self.manifest["model"], device)
+        self._plans = self.method.plans() if self.method is not None else None
+
+    # ---- facts -----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def kind(self) -> str:
+        """The FAISS index kind: flat, hnsw or ivfpq."""
+        return str(self.manifest["index"]["kind"])
+
+    @property
+    def max_query_tokens(self) -> int:
+        """How many tokens of a text query the encoder reads (start and end of text included)."""
+        return int(self.manifest.get("max_words") or self.manifest.get("context_length") or 77)
+
+    def query_tokens(self, text: str) -> int | None:
+        """Tokens ``text`` takes (start and end of text included), when the tokenizer can say."""
+        if self.method is None:
+            return None
+        encode = getattr(self.method.backbone.tokenizer, "encode", None)
+        return None if encode is None else len(encode(text)) + 2 + self.method.n_placeholders
+
+    def media_path(self, row: int) -> Path | None:
+        """The media file of item ``row`` (for text items: the image or video they describe), only if it lies
+        inside the media root: absolute paths and ``..`` in an items file are refused."""
+        if not 0 <= row < len(self.items) or self.media_root is None:
+            return None
+        rel = self.items[row].get("path")
+        if not isinstance(rel, str) or not rel:
+            return None
+        pure = PurePosixPath(rel)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in rel or "\x00" in rel:
+            return None
+        full = os.path.normpath(os.path.join(self.media_root, *pure.parts))
+        if os.path.commonpath([full, self.media_root]) != self.media_root:
+            return None
+        return Path(full)
+
+    # ---- vectors ---------------------------------------------------------------------------------
+    def vectors(self, rows: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """Exact embeddings of index rows (all rows by default) as float32 ``[n, dim]``, from the caches."""
+        rows = np.arange(len(self.items)) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((rows.size, int(self.manifest["dim"])), dtype=np.float32)
+        parts = np.array([self.items[r]["part"] for r in rows.tolist()], dtype=object)
+        for part, cache in self.caches.items():
+            sel = parts == part
+            if sel.any():
+                out[sel] = cache.take([self.items[r]["cache_row"] for r in rows[sel].tolist()])
+        return out
+
+    def _encoder(self) -> Method:
+        if self.method is None:
+            raise DataError("this SearchIndex was opened without its encoder (encoder=False)")
+        return self.method
+
+    @torch.no_grad()
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """Query embeddings ``[n, dim]`` of texts."""
+        method = self._encoder()
+        return method.encode_text(list(texts), self._plans).float().cpu().numpy()
+
+    @torch.no_grad()
+    def encode_media(self, path: str | os.PathLike) -> np.ndarray:
+        """Query embedding ``[1, dim]`` of an image or video file."""
+        from vlprompt.data.media import load_image
+        from vlprompt.data.video import VideoTransform, is_video_file, read_frames
+
+        method = self._encoder()
+        b, device = method.backbone, method.backbone.device
+        if is_video_file(str(path)) or Path(path).is_dir():
+            frames, mask = read_frames(path, int(self.manifest.get("num_frames") or 12))
+            clip = VideoTransform(b.image_size, b.image_mean, b.image_std)(frames)[None].to(device)
+            out = method.encode_video(clip, mask[None].to(device), self._plans)
+        else:
+            image = b.preprocess_val(load_image(path))[None].to(device)
+            out = method.encode_image(image, self._plans)
+        return out.float().cpu().numpy()
+
+    # ---- search ----------------------------------------------------------------------------------
+    def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k ``(scores, rows)``, each ``[n, min(k, len)]``, best first, ties by row."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = max(1, min(int(k), len(self.items)))
+        want = k
+        if self.kind == "ivfpq":
+            want = min(len(self.items), k * int(self.manifest["index"]["params"].get("rerank") or 1))
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = max(self.ef_search, want)
+        scores, rows = self.index.search(queries, want)
+        if self.kind == "ivfpq":
+            scores = self._exact_scores(queries, rows)
+        out_scores = np.empty((len(queries), k), dtype=np.float32)
+        out_rows = np.empty((len(queries), k), dtype=np.int64)
+        for q in range(len(queries)):
+            valid = rows[q] >= 0  # faiss pads with -1 when fewer candidates were reached
+            s, r = scores[q][valid], rows[q][valid]
+            order = np.lexsort((r, -s))[:k]
+            n = len(order)
+            out_scores[q, :n], out_rows[q, :n] = s[order], r[order]
+            out_scores[q, n:], out_rows[q, n:] = -np.inf, -1
+        return out_scores, out_rows
+
+    def _exact_scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        flat = rows.reshape(-1)
+        vecs = self.vectors(np.where(flat >= 0, flat, 0)).reshape(*rows.shape, -1)
+        return np.einsum("qd,qkd->qk", queries, vecs).astype(np.float32)
+
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
+        """Hits of one query's ``(scores, rows)``."""
+        return [
+            Hit(rank, int(r), float(s), self.items[int(r)])
+            for rank, (s, r) in enumerate(zip(scores, rows), start=1)
+            if r >= 0
+        ]
+
+    def search(self, text: str, k: int = 10) -> list[Hit]:
+        """The top-k items for a text query."""
+        scores, rows = self.search_vectors(self.encode_text([text]), k)
+        return self.hits(scores[0], rows[0])
+
+    def search_media(self, path: str | os.PathLike, k: int = 10) -> list[Hit]:
+        """The top-k items for an image or video file."""
+        scores, rows = self.search_vectors(self.encode_media(path), k)
+        return self.hits(scores[0], rows[0])
+
+    def search_like(self, row: int, k: int = 10) -> list[Hit]:
+        """The top-k items most similar to item ``row`` (itself first)."""
+        if not 0 <= row < len(self.items):
+            raise DataError(f"no item {row} in this index (0..{len(self.items) - 1})")
+        scores, rows = self.search_vectors(self.vectors([row]), k)
+        return self.hits(scores[0], rows[0])
+
+
+def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force top-k rows ``[n, k]`` by inner product (ties by row): the reference for approximate search."""
+    sims = np.atleast_2d(queries).astype(np.float32) @ vectors.astype(np.float32).T
+    order = np.lexsort((np.broadcast_to(np.arange(sims.shape[1]), sims.shape), -sims), axis=1)
+    return order[:, :k]
+
+
+def recall_with_ties(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """Per query, the fraction of returned ``rows`` ``[n, k]`` that belong in the exact top k.
+
+    A row belongs when its exact score reaches the k-th best exact score (less ``tol``), so that which of several
+    equal-scoring items fills the last places (duplicate captions) does not count as a miss.
+    """
+    sims = np.atleast_2d(queries).astype(np.float32) @ vectors.astype(np.float32).T
+    k = rows.shape[1]
+    kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+    got = np.take_along_axis(sims, np.where(rows >= 0, rows, 0), axis=1)
+    return ((got >= kth[:, None] - tol) & (rows >= 0)).mean(axis=1)
+
+
+def index_queries(index: SearchIndex, limit: int = 1000) -> list[str]:
+    """Texts to query an index with: its items' captions (visual index) or texts (text index), in item order."""
+    texts: list[str] = []
+    for item in index.items:
+        texts += [item["text"]] if item.get("text") else list(item.get("captions") or [])[:1]
+        if len(texts) >= limit:
+            break
+    return texts[:limit]
+
+
+def benchmark(index: SearchIndex, queries: Sequence[str], k: int = 10, repeats: int = 1) -> dict[str, Any]:
+    """Latency of single text queries (encode + search) and recall@k agreement with exact brute force.
+
+    ``agreement@k`` is the mean fraction of the exact top-k that the index returns (:func:`recall_with_ties`;
+    1.0 for ``flat``).
+    """
+    if not queries:
+        raise DataError("no queries to benchmark with (the index items have no captions)")
+    t = time.perf_counter()
+    encoded = index.encode_text(queries)
+    encode_s = time.perf_counter() - t
+    latencies = []
+    for _ in range(repeats):
+        for q in queries:
+            t = time.perf_counter()
+            index.search_vectors(index.encode_text([q]), k)
+            latencies.append(1000 * (time.perf_counter() - t))
+    search_only = []
+    for row in range(len(queries)):
+        t = time.perf_counter()
+        index.search_vectors(encoded[row : row + 1], k)
+        search_only.append(1000 * (time.perf_counter() - t))
+    _, rows = index.search_vectors(encoded, k)
+    agreement = float(np.mean(recall_with_ties(index.vectors(), encoded, rows)))
+    quantiles = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return {
+        "index": index.kind,
+        "items": len(index),
+        "queries": len(queries),
+        "k": k,
+        "query_ms/p50": statistics.median(latencies),
+        "query_ms/p95": quantiles[18],
+        "search_only_ms/p50": statistics.median(search_only),
+        "batch_encode_ms/query": 1000 * encode_s / len(queries),
+        f"agreement@{k}": agreement,
+    }
