@@ -12,6 +12,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", help="a run directory (uses its config.yaml and last checkpoint) or a YAML config")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--split", default="test", choices=["val", "test"], help="which annotation file to evaluate")
+    p.add_argument(
+        "--protocol",
+        default="cross-modal",
+        choices=["cross-modal", "single-modal", "mixed", "all"],
+        help="cross-modal: R@K only; single-modal adds i2i/t2t NDCG@10/20/50, mixed adds i2it/t2it, all adds both",
+    )
+    p.add_argument(
+        "--relevance",
+        default=None,
+        help="ROUGE-L relevance .npy [captions, images] of the gallery (loaded if present, else computed and saved)",
+    )
+    p.add_argument(
+        "--official-ndcg", action="store_true", help="reproduce the RVLR reference code's NDCG quirks (see eval/ndcg)"
+    )
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.set_defaults(func=run)
 
@@ -19,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from vlprompt.engine.runner import evaluate_target
 
-    metrics = evaluate_target(args.target, args.overrides, args.split)
+    metrics = evaluate_target(
+        args.target, args.overrides, args.split, args.protocol, args.relevance, official_ndcg=args.official_ndcg
+    )
     print_metrics(metrics, args.json, title=f"{args.target} ({args.split})")
     return 0

@@ -1,0 +1,63 @@
+"""LPI's DecomposedPrompt (CP rank-r, shared layer factor), the full-rank baseline and the interaction module."""
+
+from __future__ import annotations
+
+import torch
+
+from vlprompt.prompts.lpi import CPMatrices, DecomposedPrompt, FullRankPrompt, LowRankInteraction, cp_tensor
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_shapes_and_parameter_count():
+    torch.manual_seed(0)
+    prompt = DecomposedPrompt(9, 16, 768, 512, 4)
+    pv, pt = prompt()
+    assert pv.shape == (9, 16, 768) and pt.shape == (9, 16, 512)
+    assert _count(prompt) == 5_284 == 4 * (9 + 2 * 16 + 768 + 512)
+
+
+def test_output_is_the_cp_tensor_with_rank_at_most_r():
+    torch.manual_seed(0)
+    p = DecomposedPrompt(5, 6, 40, 30, 3)
+    pv, pt = p()
+    torch.testing.assert_close(pv, torch.einsum("lk,nk,dk->lnd", p.layer, p.token_v, p.channel_v) / 3)
+    torch.testing.assert_close(pt, cp_tensor(p.layer, p.token_t, p.channel_t))
+    assert all(int(torch.linalg.matrix_rank(pv[layer], rtol=1e-4)) <= 3 for layer in range(5))
+
+
+def test_layer_factor_is_shared_by_both_modalities():
+    torch.manual_seed(0)
+    p = DecomposedPrompt(4, 3, 8, 6, 2)
+    with torch.no_grad():
+        p.layer[2].zero_()
+    pv, pt = p()
+    assert pv[2].abs().max() == 0 and pt[2].abs().max() == 0 and pv[1].abs().max() > 0
+    pv.square().sum().backward()  # a visual-only loss still trains the common factor, not the text factors
+    assert p.layer.grad.abs().sum() > 0 and p.token_t.grad is None and p.channel_t.grad is None
+
+
+def test_initial_statistics():
+    torch.manual_seed(0)
+    p = DecomposedPrompt(9, 16, 768, 512, 4)
+    for factor in (p.layer, p.token_v, p.channel_v, p.channel_t):
+        assert 0.4 < float(factor.detach().std()) < 0.6
+    assert 0.04 < float(p()[0].detach().std()) < 0.08  # LPI's prompts start with entries of std ~0.06
+
+
+def test_full_rank_prompt():
+    p = FullRankPrompt(1, 16, 768, 512)
+    assert _count(p) == 20_480 and p()[0].shape == (1, 16, 768)
+    assert float(p.vision.detach().std()) < 0.03
+
+
+def test_interaction_module():
+    module = LowRankInteraction(12, 768, 512, 4)
+    assert _count(module) == 12_904 == 4 * 2 * (12 + 1281) + 2 * (768 + 512)  # spec section 2.4
+    v, t = torch.randn(16, 768), torch.randn(16, 512)
+    nv, nt = module(3, v, t)
+    assert nv.shape == v.shape and nt.shape == t.shape
+    m = CPMatrices(4, 5, 6, 2)
+    torch.testing.assert_close(m.layer(1), cp_tensor(m.a, m.b, m.c)[1])
