@@ -1,1 +1,1 @@
-"""Feature extraction with caching (and, later, FAISS index build/search and the search service)."""
+"""Retrieval at scale: a resumable feature cache (`features`), FAISS index build (`build`), search and the web page."""
