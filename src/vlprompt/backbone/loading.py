@@ -85,7 +85,7 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
     weights = resolve_pretrained(name, pretrained)
     embedded = weights is not None and is_embedded_file(weights)
     try:
-        with _no_random_init_warning(embedded):  # the shipped weights are loaded right below
+        with _no_random_init_warning(embedded or weights is None):  # weights follow below, or none were asked for
             created = open_clip.create_model_and_transforms(
                 name, pretrained=None if embedded else weights, device=device, precision=precision
             )
