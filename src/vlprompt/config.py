@@ -63,11 +63,71 @@ class TrainConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """``vlprompt continual``: a task sequence trained one task at a time (train.* applies to each task)."""
+
+    tasks: str = ""  # tasks.json (relative to data.root), "coco" (LPI's 12 tasks) or "" (the train file's categories)
+    order: list[int] = field(default_factory=list)  # category ids in task order (overrides the order of `tasks`)
+    category_key: str = "category"  # the annotation field holding each record's category id
+    eval_split: str = "val"  # after task t, evaluate on the union of this split's files of tasks 0..t
+    eval_gallery: str = "seen"  # seen: tasks 0..t (LPI); all: every task's set each time (fixed gallery)
+    oracle_task: bool = False  # give the method the true task at test time (no routing)
+    max_tasks: int = 0  # stop after this many tasks (0 = all)
+    lr_per_epoch: bool = False  # cosine stepped once per epoch (LPI's CosineAnnealingLR) instead of per step
+    task_similarity: str = ""  # LPI's related tasks: "coco", a [T, T] matrix file (> threshold), "" = none
+    task_similarity_threshold: float = 0.4
+
+
+@dataclass
+class TTAConfig:
+    """``vlprompt tta``: episodic test-time adaptation, one test sample at a time (RLCF, TPT)."""
+
+    steps: int = 3  # adaptation steps per sample (0 = zero-shot)
+    lr: float = 7e-3
+    weight_decay: float = 5e-4
+    eps: float = 1e-8  # AdamW epsilon (the retrieval recipes use 1e-6)
+    views: int = 64  # classification: views per image, view 0 = the centre crop
+    selection: float = 0.1  # classification: fraction of lowest-entropy views kept
+    augmix: bool = False  # classification: AugMix-style views (TPT's fine-grained setting)
+    classes: str = ""  # class names: imagenet[-a|-r|-v2|-sketch], cifar100, a file under data.root, "" = folders
+    max_samples: int = 0  # adapt on the first N samples of the (seeded) order; 0 = all
+    shuffle: bool = True  # seeded sample order (only the momentum variant depends on it)
+    momentum: bool = False  # RLCF-S-M: momentum average of the tuned weights becomes the next start point
+    momentum_m: float = 0.9998
+    momentum_every: int = 64  # F: samples between refreshes of the start point
+    momentum_weight: float = 1.0  # w: start = (1 - w) * initial + w * momentum average
+    autocast: str = "none"  # none | bf16
+
+
+@dataclass
+class CILConfig:
+    """Class-incremental classification: ``vlprompt continual`` with a class-incremental method (itprompt, l2p_cil,
+    dualprompt, coda_prompt, hide_prompt, zeroshot_cil); train.* applies to each task."""
+
+    num_tasks: int = 10  # tasks of a generated split (ignored when `tasks` names a split file)
+    tasks: str = ""  # split file ({"tasks": [[class ids], ...]}) relative to data.root; "" = generate from a seed
+    shuffle_classes: bool = True  # generated split: seeded class permutation (False = label order)
+    order_seed: int = -1  # seed of that permutation (-1 = the run's seed)
+    classes: str = ""  # class names: cifar100, imagenet-r, a file under data.root ("" = the format's own / folders)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])  # text anchors, averaged
+    eval_split: str = "test"  # test | val
+    test_fraction: float = 0.2  # ImageNet-R without train/test trees: per-class held-out fraction (CODA's 80/20)
+    holdout_seed: int = 0  # seed of that hold-out (fixed across runs, unlike the class order)
+    train_transform: str = "train"  # train (augmented views) | eval (deterministic; frozen queries computed once)
+    max_train_per_class: int = 0  # keep the first N training images of each class (0 = all)
+    max_tasks: int = 0  # stop after this many tasks (0 = all)
+    oracle_eval: bool = False  # task-routing methods: also report accuracy with the true task (acc_oracle)
+
+
+@dataclass
 class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "zeroshot"})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    cil: CILConfig = field(default_factory=CILConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     out_dir: str = "runs"

@@ -10,4 +10,14 @@ DATASET_FORMATS: dict[str, str] = {
     "msvd": "MSVD: raw-captions.pkl + {train,val,test}_list.txt (multi-sentence)",
     "didemo": "DiDeMo as paragraphs: {split}_data.json (+ {split}_list.txt)",
     "world": "the embedded offline world (`vlprompt world build`), written in the formats above",
+    # classification (test-time adaptation: `vlprompt tta`; class-incremental: `vlprompt continual` with cil.*)
+    "imagenet": "TTA: ImageNet-1k validation set, val/<wnid>/*.JPEG",
+    "imagenet-a": "TTA: ImageNet-A, <wnid>/*.jpg, 200 classes",
+    "imagenet-r": "TTA: ImageNet-R, <wnid>/*.jpg, 200 classes; class-incremental: seeded per-class hold-out or "
+    "train/ and test/ trees",
+    "imagenet-v2": "TTA: ImageNet-V2 matched-frequency, <class index>/*.jpeg",
+    "imagenet-sketch": "TTA: ImageNet-Sketch, <wnid>/*.JPEG, 1000 classes",
+    "cifar100": "class-incremental: CIFAR-100 python pickles (cifar-100-python/{train,test,meta})",
+    "cub200": "class-incremental: CUB_200_2011 (images.txt, train_test_split.txt, image_class_labels.txt) or "
+    "train/ and test/ trees",
 }

@@ -17,6 +17,10 @@ from rich.table import Table
 
 from vlprompt.config import load_config
 from vlprompt.data.world import build_world, layout
+from vlprompt.engine.demo_cil import cil_rows
+from vlprompt.engine.demo_continual import continual_rows
+from vlprompt.engine.demo_rvlr import rvlr_rows
+from vlprompt.engine.demo_tta import tta_rows
 from vlprompt.engine.report import bar_chart, html_table, write_report
 from vlprompt.engine.runner import evaluate_target
 from vlprompt.engine.trainer import train
@@ -96,7 +100,14 @@ def video_rows(world: Path, full: bool, ctx: dict[str, Any]) -> list[Row]:
 
 
 #: Demo sections by name. ``make demo`` runs DEFAULT_SECTIONS; the video rows join it once measured within its bound.
-SECTIONS = {"retrieval": retrieval_shift_rows, "video": video_rows}
+SECTIONS = {
+    "retrieval": retrieval_shift_rows,
+    "video": video_rows,
+    "rvlr": rvlr_rows,
+    "continual": continual_rows,
+    "tta": tta_rows,
+    "cil": cil_rows,
+}
 DEFAULT_SECTIONS = ("retrieval",)
 
 

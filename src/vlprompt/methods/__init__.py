@@ -1,6 +1,25 @@
 """Methods: one file per method, registered by name (what configs refer to)."""
 
-from vlprompt.methods import baselines, coop, dgl, maple, vpt  # noqa: F401  (registration)
+# importing a method module registers it under its name
+from vlprompt.methods import (  # noqa: F401
+    baselines,
+    cil,
+    coda,
+    coop,
+    dgl,
+    dualprompt,
+    hide,
+    itprompt,
+    l2p,
+    l2p_cil,
+    lpi,
+    maple,
+    rlcf,
+    rvlr,
+    sprompts,
+    tpt,
+    vpt,
+)
 from vlprompt.methods.base import METHODS, Method, MethodOptions, Plans, register_method
 from vlprompt.methods.build import build_method, list_methods, option_names
 
