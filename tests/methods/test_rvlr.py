@@ -125,6 +125,7 @@ def test_options_and_parameters(tiny, monkeypatch) -> None:
 
 
 def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
     tiny = vlprompt.load_backbone("vlprompt-tiny", pretrained=None)
@@ -146,9 +147,9 @@ def _gather_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 
 def test_single_process_loss_equals_two_process_gathered_loss(tmp_path: Path) -> None:
-    # fork: the workers inherit the imported modules (spawning two fresh interpreters costs far more than the test)
+    # spawn, not fork: a fork after torch started its OpenMP threads deadlocks the children
     args = (str(tmp_path / "init"), str(tmp_path))
-    mp.start_processes(_gather_worker, args=args, nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_gather_worker, args=args, nprocs=2, join=True, start_method="spawn")
     for rank in (0, 1):
         gathered, full, grad_error = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert gathered == pytest.approx(full, rel=1e-6)
