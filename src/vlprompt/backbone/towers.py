@@ -235,9 +235,14 @@ class VisionTower(_Tower):
             pooled = pooled.unflatten(0, (-1, frames))
         return TowerOutput(pooled, x if return_tokens else None)
 
-    def project(self, x: Tensor) -> Tensor:
-        """open_clip's pooling (CLS by default) and projection of final tokens ``[N, L, D]`` -> ``[N, E]``."""
+    def pool(self, x: Tensor) -> Tensor:
+        """open_clip's pooling of final tokens ``[N, L, D]`` -> ``[N, D]`` (``ln_post`` of CLS by default)."""
         pooled, _ = self.visual._pool(x)
+        return pooled
+
+    def project(self, x: Tensor) -> Tensor:
+        """open_clip's pooling and projection of final tokens ``[N, L, D]`` -> ``[N, E]``."""
+        pooled = self.pool(x)
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled
 
     def project_tokens(self, x: Tensor) -> Tensor:

@@ -165,8 +165,7 @@ class ClassIncrementalMethod(Method):
         self.backbone.train(was_training)
         if self.options.query == "embedding":
             return out.pooled.float()
-        pooled, _ = vision.visual._pool(out.tokens)  # ln_post(CLS) for CLIP's token pooling
-        return pooled.float()
+        return vision.pool(out.tokens).float()  # ln_post(CLS) for CLIP's token pooling
 
     def encode_prompted(self, images: Tensor, plan: PromptPlan | None) -> Tensor:
         """L2-normalised CLIP embedding ``z [B, E]`` under a prompt plan (None = frozen CLIP)."""
