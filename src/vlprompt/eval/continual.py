@@ -34,7 +34,8 @@ DEFINITIONS: dict[str, str] = {
     "avg_incremental": "average incremental: (1/n) sum_i mean_{j<=i} R[i][j] (iCaRL)",
     "forgetting_lpi": "LPI's F@K: (1/(n-1)) sum_{j<n-1} (R[n-1][j] - max_{j<=i<=n-2} R[i][j]); negative = forgetting",
     "forgetting": "max-minus-last: (1/(n-1)) sum_{j<n-1} (max_{j<=i<=n-2} R[i][j] - R[n-1][j]); positive = "
-    "forgetting (Chaudhry et al. 2018; L2P/DualPrompt/CODA-Prompt)",
+    "forgetting (Chaudhry et al. 2018). L2P's and HiDe's code take the max over every session including the last "
+    "(reported as FFM by the class-incremental runner, vlprompt.eval.cil)",
     "bwt": "backward transfer: (1/(n-1)) sum_{j<n-1} (R[n-1][j] - R[j][j]); negative = forgetting (GEM)",
 }
 
