@@ -10,7 +10,7 @@
 * **average incremental** (iCaRL's average incremental accuracy): ``(1/n) sum_i mean_{j <= i} R[i][j]``.
 * **forgetting, LPI convention** (LPI's ``F@K``): ``(1/(n-1)) sum_{j<n-1} (R[n-1][j] - max_{j<=i<=n-2} R[i][j])``;
   the last task contributes 0 and **negative values mean forgetting**.
-* **forgetting, max-minus-last** (Chaudhry et al. 2018, as in L2P/DualPrompt/CODA-Prompt):
+* **forgetting, max-minus-last** (Chaudhry et al. 2018; L2P's and HiDe's code use the max over every session, FFM):
   ``(1/(n-1)) sum_{j<n-1} (max_{j<=i<=n-2} R[i][j] - R[n-1][j])``; **positive values mean forgetting**. It is
   exactly the negative of LPI's value.
 * **backward transfer** (GEM, Lopez-Paz & Ranzato 2017): ``(1/(n-1)) sum_{j<n-1} (R[n-1][j] - R[j][j])``;
