@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,3 +53,11 @@ def environment(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "vlprompt": vlprompt.__version__,
     }
+
+
+def emit(report: dict[str, Any], out: Path | None = None) -> None:
+    """Print the benchmark's JSON and, with ``out``, also write it there."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import environment, median_seconds, peak_memory_mb, reset_peak_memory
+from common import emit, environment, median_seconds, peak_memory_mb, reset_peak_memory
 
 import vlprompt
 from vlprompt.methods import build_method
@@ -110,10 +110,7 @@ def main() -> None:
         "benchmark": "methods", "model": args.model, "batch": args.batch, "frames": args.frames,
         "autocast": args.autocast, **environment(torch.device(args.device)), "results": results,
     }  # fmt: skip
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

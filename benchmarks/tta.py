@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import environment, peak_memory_mb, reset_peak_memory
+from common import emit, environment, peak_memory_mb, reset_peak_memory
 from PIL import Image
 
 import vlprompt
@@ -331,10 +330,7 @@ def main() -> None:
     results = {name: compare(name, args, device) for name in args.variants.split(",")}
     report = {"benchmark": "tta", "policy": args.policy, "reward": args.reward, "pretrained": args.pretrained,
               "classes": args.classes, "views": args.views, **environment(device), "results": results}  # fmt: skip
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":

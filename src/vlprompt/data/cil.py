@@ -31,7 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vlprompt.data.classnames import CIFAR100_CLASSES, ClassNames, clean_name, load_class_names
-from vlprompt.data.media import BadSamples, drop_missing, is_image_file, load_or_skip
+from vlprompt.data.media import BadSamples, drop_missing, image_files, load_or_skip
 from vlprompt.errors import ConfigError, DataError
 
 CIL_FORMATS: dict[str, str] = {
@@ -232,14 +232,6 @@ def read_cifar100(root: str | os.PathLike, split: str) -> tuple[np.ndarray, list
     return images, labels, ClassNames(tuple(clean_name(n) for n in names), tuple(names))
 
 
-def _image_files(folder: Path) -> list[Path]:
-    found = []  # sorted walk: the same sample order (and so the same seeded hold-out) on every machine
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
-    return found
-
-
 def folder_samples(root: Path, classes: ClassNames, allow_missing: bool = False) -> tuple[list[Path], list[int]]:
     """Files of ``root/<folder of class i>/**`` labelled ``i`` for every class of ``classes``."""
     if not root.is_dir():
@@ -250,7 +242,7 @@ def folder_samples(root: Path, classes: ClassNames, allow_missing: bool = False)
         raise DataError(f"{root}: no folder for {len(absent)} class(es), e.g. {', '.join(absent[:5])}")
     paths, labels = [], []
     for label, folder in enumerate(folders):
-        files = _image_files(root / folder) if (root / folder).is_dir() else []
+        files = image_files(root / folder) if (root / folder).is_dir() else []
         paths += files
         labels += [label] * len(files)
     if not paths:

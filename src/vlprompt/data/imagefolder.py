@@ -9,11 +9,34 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from vlprompt.data.media import IMAGE_EXTENSIONS, BadSamples, Transform, drop_missing, is_image_file, load_or_skip, log
+from vlprompt.data.media import IMAGE_EXTENSIONS, BadSamples, Transform, drop_missing, image_files, load_or_skip, log
 from vlprompt.errors import DataError
 
 
-class ImageFolderDataset(Dataset):
+class LabelledImageFiles(Dataset):
+    """Item = (image, label) of ``samples`` (a list of ``(path, label)``); a file that fails to decode comes back as
+    ``None`` and is counted in ``bad_samples`` (``strict``: an error). Subclasses fill ``samples``."""
+
+    def __init__(self, root: Path, transform: Transform | None, strict: bool) -> None:
+        self.root, self.transform, self.strict = root, transform, strict
+        self.bad_samples = BadSamples()
+        self.samples: list[tuple[Path, int]] = []
+
+    @property
+    def targets(self) -> list[int]:
+        """Label of every sample, in sample order."""
+        return [y for _, y in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Any, int] | None:
+        path, label = self.samples[i]
+        image = load_or_skip(path, self.transform, self.bad_samples, self.strict)
+        return None if image is None else (image, label)
+
+
+class ImageFolderDataset(LabelledImageFiles):
     """Item = (image, label). Classes are the sorted sub-folders, or ``classes`` in the given order.
 
     An explicit ``classes`` list fixes the label order (e.g. from a split file) and may name a subset of the
@@ -27,10 +50,7 @@ class ImageFolderDataset(Dataset):
         classes: Sequence[str] | None = None,
         strict: bool = False,
     ) -> None:
-        self.root = Path(root)
-        self.transform = transform
-        self.strict = strict
-        self.bad_samples = BadSamples()
+        super().__init__(Path(root), transform, strict)
         if not self.root.is_dir():
             raise DataError(f"image folder not found: {self.root}")
         folders = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -47,7 +67,7 @@ class ImageFolderDataset(Dataset):
 
         samples: list[tuple[Path, int]] = []
         for label, name in enumerate(self.classes):
-            found = _image_files(self.root / name)
+            found = image_files(self.root / name)
             if not found:
                 log.warning("%s: class %r has no image files", self.root, name)
             samples.extend((p, label) for p in found)
@@ -56,25 +76,3 @@ class ImageFolderDataset(Dataset):
         self.samples = [(p, y) for p, y in samples if p not in missing]
         if not self.samples:
             raise DataError(f"{self.root}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in any class folder")
-
-    @property
-    def targets(self) -> list[int]:
-        """Label of every sample, in sample order."""
-        return [y for _, y in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[Any, int] | None:
-        path, label = self.samples[i]
-        image = load_or_skip(path, self.transform, self.bad_samples, self.strict)
-        return None if image is None else (image, label)
-
-
-def _image_files(folder: Path) -> list[Path]:
-    # Sorted walk so sample order (and hence any seeded subsampling) is the same on every machine.
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
-    return found

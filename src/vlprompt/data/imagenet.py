@@ -18,13 +18,11 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from torch.utils.data import Dataset
 
 from vlprompt.data.classnames import ClassNames, imagenet_classnames
+from vlprompt.data.imagefolder import LabelledImageFiles
 from vlprompt.data.imagenet_wnids import IN1K_IDS, IN_A_IDS, IN_R_IDS
-from vlprompt.data.media import BadSamples, Transform, drop_missing, is_image_file, load_or_skip, log
+from vlprompt.data.media import Transform, drop_missing, image_files, log
 from vlprompt.errors import ConfigError, DataError
 
 
@@ -70,16 +68,7 @@ def _variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-def _image_files(folder: Path) -> list[Path]:
-    # sorted walk: the same sample order (and so the same seeded subsets) on every machine
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()
-        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
-    return found
-
-
-class ClassificationFolder(Dataset):
+class ClassificationFolder(LabelledImageFiles):
     """Item = (image, label) with labels from a fixed :class:`ClassNames` (``classes.folders[label]``).
 
     Class folders that are absent are reported once and skipped; folders outside the label space are ignored
@@ -94,11 +83,8 @@ class ClassificationFolder(Dataset):
         strict: bool = False,
         name: str = "",
     ) -> None:
-        self.root = Path(root)
+        super().__init__(Path(root), transform, strict)
         self.classes = classes
-        self.transform = transform
-        self.strict = strict
-        self.bad_samples = BadSamples()
         where = name or str(self.root)
         if not self.root.is_dir():
             raise DataError(f"{where}: image folder not found: {self.root}")
@@ -111,24 +97,11 @@ class ClassificationFolder(Dataset):
                         len(folders), self.root, ", ".join(missing[:3]))  # fmt: skip
         if extra:
             log.warning("%s: ignoring %d folders outside the label space (first: %s)", where, len(extra), extra[0])
-        samples = [(p, label) for label, f in enumerate(folders) if f in present for p in _image_files(self.root / f)]
+        samples = [(p, label) for label, f in enumerate(folders) if f in present for p in image_files(self.root / f)]
         gone = drop_missing((p for p, _ in samples), self.bad_samples, strict, source=where)
         self.samples = [(p, y) for p, y in samples if p not in gone]
         if not self.samples:
             raise DataError(f"{where}: no image files in any of the {len(folders)} class folders under {self.root}")
-
-    @property
-    def targets(self) -> list[int]:
-        """Label of every sample, in sample order."""
-        return [y for _, y in self.samples]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[Any, int] | None:
-        path, label = self.samples[i]
-        image = load_or_skip(path, self.transform, self.bad_samples, self.strict)
-        return None if image is None else (image, label)
 
 
 def read_variant(

@@ -115,3 +115,12 @@ def drop_missing(paths: Iterable[Path], bad: BadSamples, strict: bool, source: s
 def is_image_file(name: str) -> bool:
     """True if the file name has one of the accepted image extensions (any case)."""
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files below ``folder``, in a sorted walk: the same order (and seeded subsets) on every machine."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if is_image_file(f))
+    return found

@@ -42,6 +42,7 @@ from vlprompt.engine.continual import (
     RESULTS,
     SessionResult,
     build_continual_model,
+    load_method_state,
     method_state,
     run_task_sequence,
     task_checkpoint,
@@ -269,12 +270,7 @@ class ClassIncrementalLearner:
         return method_state(self.method)
 
     def load_state_dict(self, state: dict[str, Tensor], session: int) -> None:
-        expected = set(method_state(self.method))
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise ConfigError(f"task checkpoint does not match the method: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
-        self.method.load_state_dict(state, strict=False)
+        load_method_state(self.method, state)
         self.method.set_current_task(session)
 
 

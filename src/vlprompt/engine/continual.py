@@ -54,6 +54,7 @@ from vlprompt.engine.trainer import (
     epoch_order,
     make_optimizer,
     make_schedule,
+    optimizer_step,
     resolve_device,
     seed_everything,
     visual_spec,
@@ -253,6 +254,16 @@ def method_state(method: Method) -> dict[str, Tensor]:
     return {k: v for k, v in method.state_dict().items() if not k.startswith("backbone.") or k in trained}
 
 
+def load_method_state(method: Method, state: dict[str, Tensor]) -> None:
+    """Load what :func:`method_state` returned (a between-task checkpoint); a mismatch is a clear error."""
+    expected = set(method_state(method))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ConfigError(f"task checkpoint does not match the method: missing {sorted(missing)[:5]}, "
+                          f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
+    method.load_state_dict(state, strict=False)
+
+
 def epoch_cosine(epoch: int, epochs: int) -> float:
     """LR factor ``0.5 (1 + cos(pi e / E))`` of epoch ``e``: LPI's lr_e = 0.025 (1 + cos(pi e / 10)) at lr 0.05."""
     return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
@@ -328,12 +339,7 @@ class RetrievalLearner:
                         display.record(losses[-1], len(captions))
                     if micro % t.grad_accum:
                         continue
-                    if t.grad_clip:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
+                    optimizer_step(optimizer, scaler, params, t.grad_clip)
                     if not cfg.continual.lr_per_epoch:
                         schedule.step()
                     step += 1
@@ -450,12 +456,7 @@ class RetrievalLearner:
         return method_state(self.method)
 
     def load_state_dict(self, state: dict[str, Tensor], session: int) -> None:
-        expected = set(method_state(self.method))
-        missing, unexpected = expected - set(state), set(state) - expected
-        if missing or unexpected:
-            raise ConfigError(f"task checkpoint does not match the method: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")  # fmt: skip
-        self.method.load_state_dict(state, strict=False)
+        load_method_state(self.method, state)
         if isinstance(self.method, ContinualMethod):
             self.method.begin_task(session)
 

@@ -103,6 +103,18 @@ def make_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list, grad_clip: float
+) -> None:
+    """One update from the accumulated gradients: unscale and clip (if ``grad_clip``), step, clear."""
+    if grad_clip:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def epoch_order(num_items: int, seed: int, epoch: int) -> list[int]:
     """The shuffled sample order of one epoch (a pure function, so resuming replays it exactly)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -236,12 +248,7 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
                     display.record(loss.item() * t.grad_accum, len(captions))
                 if micro_done % t.grad_accum:
                     continue
-                if t.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                optimizer_step(optimizer, scaler, params, t.grad_clip)
                 schedule.step()
                 step += 1
                 display.step(step, schedule.get_last_lr()[0])
