@@ -1,6 +1,7 @@
 """DGL beside the reference implementation: same weights, same inputs; output parity, then step times.
 
     python benchmarks/dgl_reference.py --reference PATH/TO/DGL [--model ViT-B-32-quickgelu] [--autocast bf16]
+    python benchmarks/dgl_reference.py --reference PATH/TO/DGL --record tests/fixtures/golden
 
 PATH is a checkout of https://github.com/knightyxp/DGL (CC BY-NC 4.0; it is read from disk at run time, never
 copied here). Its ``modules/clip.py`` is imported without the package ``__init__`` (which pulls in the
@@ -11,12 +12,20 @@ the symmetric cross entropy, backward, AdamW. Ours runs with the reference's beh
 
 Prints one JSON object: max |difference| of the video and text embeddings and of the loss, and for each latent
 space the median train-step and eval-forward seconds of ours, the reference, and the frozen-tower floor.
+
+``--record DIR`` instead runs the reference on the small seeded configuration :data:`GOLDEN` (a 3-layer CLIP
+with the 768-wide vision tower the reference hard-codes for its global prompts, 3 videos of 3 frames, 3
+captions), fp32 on the CPU, and writes its outputs as the golden fixture ``DIR/dgl.npz`` + ``DIR/dgl.json``
+(``tests/methods/test_golden_dgl.py`` checks ours against it on every test run): the token ids fed to it and, per
+latent space, the normalised video and text embeddings, the loss, and the L2 norm and seeded-direction projection
+of the loss's gradient for every prompt tensor (under our names, through ``from_reference_state_dict``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 import types
@@ -30,9 +39,33 @@ from dgl_step import floor
 
 import vlprompt
 from vlprompt.methods import build_method
-from vlprompt.methods.dgl import to_reference_state_dict
+from vlprompt.methods.dgl import from_reference_state_dict, to_reference_state_dict
 
 CAPTION = "a man is playing a guitar on a stage in front of a crowd"
+REPO = Path(__file__).resolve().parents[1]
+#: The golden configuration: small enough for a test on two CPU cores, every prompt path of the reference used.
+GOLDEN = {
+    "seed": 0,
+    "model_cfg": {
+        "embed_dim": 64, "quick_gelu": True,  # the reference's blocks use QuickGELU and width/64 heads
+        "vision_cfg": {"image_size": 32, "layers": 3, "width": 768, "head_width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 3},
+    },
+    "options": {"name": "dgl", "frames": 3, "n_global": 4, "n_local": 4, "depth": 0,
+                "video_embedding": "global_prompt0", "postfix": "inert"},
+    "latents": ["linear", "transformer"],
+    "videos": 3, "frames": 3, "words": 32,
+    "captions": ["a man is playing a guitar on a stage", "a cat jumps onto a red sofa",
+                 "two people are cooking pasta in a small kitchen while talking about the weather"],
+}  # fmt: skip
+
+
+def load_golden() -> types.ModuleType:
+    """``tests/methods/golden.py``: the seeded weights and inputs that the golden tests rebuild."""
+    spec = importlib.util.spec_from_file_location("golden", REPO / "tests" / "methods" / "golden.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def import_reference_clip(path: Path) -> types.ModuleType:
@@ -94,6 +127,45 @@ def parity(method, model, tokens: torch.Tensor, video: torch.Tensor) -> dict[str
         "text_max_abs_diff": float((ours_t - ref_t).abs().max()),
         "loss_abs_diff": abs(ours_loss - ref_loss),
     }
+
+
+def reference_outputs(model, tokens: torch.Tensor, video: torch.Tensor, latent: str, golden, seed: int):
+    """The reference's embeddings, loss and prompt-gradient summaries (our names), as :func:`golden.dgl_outputs`."""
+    with torch.no_grad():
+        ref_v, ref_t = reference_encode(model, tokens, video)
+    model.zero_grad(set_to_none=True)
+    loss = reference_loss(model, tokens, video)
+    loss.backward()
+    theirs = golden.trainable_grads(model.named_parameters())
+    grads = from_reference_state_dict({"clip." + k: g for k, g in theirs.items()}, latent)
+    names, norms, projections = golden.grad_summary(grads, seed)
+    out = {"video": ref_v, "text": ref_t, "loss": loss.detach(), "grad_norm": torch.from_numpy(norms),
+           "grad_projection": torch.from_numpy(projections)}  # fmt: skip
+    return out, names
+
+
+def record(args: argparse.Namespace, ref_clip: types.ModuleType) -> dict:
+    """Run the reference on :data:`GOLDEN` and write the golden fixture ``dgl`` under ``args.record``."""
+    golden = load_golden()
+    meta = {**GOLDEN, **golden.recording_meta("knightyxp/DGL", args.reference, args.reference_commit)}
+    backbone = golden.build_backbone(GOLDEN["model_cfg"])
+    arrays, diffs, grad_names = {}, {}, {}
+    for latent in GOLDEN["latents"]:
+        method, video, tokens = golden.dgl_setup(GOLDEN, latent, backbone)
+        model = reference_model(ref_clip, method, latent, GOLDEN["frames"], GOLDEN["words"])
+        ref, names = reference_outputs(model, tokens, video, latent, golden, GOLDEN["seed"])
+        ours, our_names = golden.dgl_outputs(method, video, tokens, GOLDEN["seed"])
+        if names != our_names:
+            raise RuntimeError(f"{latent}: reference prompt tensors {names} differ from ours {our_names}")
+        grad_names[latent] = names
+        arrays.setdefault("tokens", tokens.cpu().numpy())  # the same ids for both latent spaces
+        for key, value in ref.items():
+            arrays[f"{latent}.{key}"] = value.detach().cpu().numpy()
+        diffs[latent] = {k: float((ours[k].double() - ref[k].double()).abs().max()) for k in ref}
+    meta.update(grad_names=grad_names, recorded_max_abs_diff=diffs)
+    paths = golden.write_fixture("dgl", meta, arrays, args.record)
+    return {"benchmark": "dgl_reference --record", "written": {str(p): p.stat().st_size for p in paths},
+            "max_abs_diff_ours_vs_reference": diffs}  # fmt: skip
 
 
 def timed_steps(loss_fn, params: list[torch.nn.Parameter], eval_fn, repeats: int, ctx) -> dict[str, float]:
@@ -164,9 +236,14 @@ def main() -> None:
     p.add_argument("--latents", default="linear,transformer")
     p.add_argument("--autocast", default="none,bf16", help="comma list of none|bf16 (ours; the reference runs fp32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--record", type=Path, help="write the golden fixture dgl.npz/.json here (CPU, fp32) and exit")
+    p.add_argument("--reference-commit", help="commit of --reference when it is not a git checkout")
     args = p.parse_args()
     device = torch.device(args.device)
     ref_clip = import_reference_clip(args.reference)
+    if args.record:
+        print(json.dumps(record(args, ref_clip), indent=2))
+        return
     results = {latent: compare(latent, args, ref_clip, device) for latent in args.latents.split(",")}
     print(json.dumps({
         "benchmark": "dgl_reference", "model": args.model, "videos": args.videos, "frames": args.frames,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from vlprompt.config import Config, load_config, options_from_dict, to_yaml
+from vlprompt.config import CHOICES, RANGE, Config, Range, check_fields, load_config, options_from_dict, to_yaml
 from vlprompt.errors import ConfigError
+from vlprompt.methods import METHODS
 
 YAML = """\
 backbone:
@@ -136,3 +141,208 @@ def test_options_from_dict():
         options_from_dict(_Opts, {"m": 3}, where="method (demo)")
     with pytest.raises(ConfigError, match=r"bad option for method \(demo\)"):
         options_from_dict(_Opts, {"n": "three"}, where="method (demo)")
+
+
+# ---- declared ranges and choices, checked at load time -------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ranged_fields(cls: type) -> list[tuple[str, Range, bool, bool]]:
+    """(name, range, integer, is_sequence) of each field of ``cls`` with a declared range."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if RANGE in f.metadata:
+            t = hints[f.name]
+            seq = typing.get_origin(t) in (list, tuple)
+            item = typing.get_args(t)[0] if seq else t
+            out.append((f.name, f.metadata[RANGE], item is int, seq))
+    return out
+
+
+def _section_schemas() -> list[tuple[str, type]]:
+    """(key prefix, dataclass) of every config section and of every method's options."""
+    top = [("", Config)]
+    hints = typing.get_type_hints(Config)
+    sections = [(f"{name}.", t) for name, t in hints.items() if dataclasses.is_dataclass(t)]
+    methods = [(f"method:{name}", METHODS.get(name).Options) for name in METHODS.names()]
+    return top + sections + methods
+
+
+def _is_numeric(t: typing.Any) -> bool:
+    if t is bool:
+        return False
+    if t in (int, float):
+        return True
+    args = [a for a in typing.get_args(t) if a is not type(None) and a is not Ellipsis]
+    return bool(args) and all(_is_numeric(a) for a in args)
+
+
+@pytest.mark.parametrize(("prefix", "schema"), _section_schemas(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_numeric_field_declares_a_range(prefix, schema):
+    hints = typing.get_type_hints(schema)
+    undeclared = [f.name for f in dataclasses.fields(schema) if _is_numeric(hints[f.name]) and RANGE not in f.metadata]
+    assert not undeclared, f"{schema.__name__}: numeric fields without a declared range: {undeclared}"
+
+
+def _bound_cases() -> list[tuple[str, str, list[str], typing.Any, bool, str]]:
+    """(id, key, extra overrides, value, accepted, range text) at every declared bound of every option."""
+    cases = []
+    for prefix, schema in _section_schemas():
+        if prefix.startswith("method:"):
+            name = prefix.split(":")[1]
+            key_prefix, extra = "method.", [f"method.name={name}"]
+        else:
+            key_prefix, extra = prefix, []
+        for field_name, rng, integer, seq in _ranged_fields(schema):
+            up = (lambda b: b + 1) if integer else (lambda b: math.nextafter(b, math.inf))
+            down = (lambda b: b - 1) if integer else (lambda b: math.nextafter(b, -math.inf))
+            pairs = []  # (outside, inside)
+            if rng.ge is not None:
+                pairs.append((down(rng.ge), rng.ge))
+            if rng.gt is not None:
+                pairs.append((rng.gt, up(rng.gt)))
+            if rng.le is not None:
+                pairs.append((up(rng.le), rng.le))
+            if rng.lt is not None:
+                pairs.append((rng.lt, down(rng.lt)))
+            for outside, inside in pairs:
+                for value, ok in ((outside, False), (inside, True)):
+                    if not ok and value == rng.off:
+                        continue
+                    value = int(value) if integer else float(value)
+                    shown = [value, value] if seq else value
+                    key = key_prefix + field_name
+                    case_id = f"{prefix[7:]}:{key}={value}" if extra else f"{key}={value}"
+                    cases.append((case_id, key, extra, shown, ok, rng.describe(integer)))
+    return cases
+
+
+BOUND_CASES = _bound_cases()
+
+
+@pytest.mark.parametrize(("key", "extra", "value", "accepted", "allowed"), [c[1:] for c in BOUND_CASES],
+                         ids=[c[0] for c in BOUND_CASES])  # fmt: skip
+def test_every_bound_is_enforced_at_load(key, extra, value, accepted, allowed):
+    override = f"{key}=[{', '.join(map(repr, value))}]" if isinstance(value, list) else f"{key}={value!r}"
+    if accepted:
+        cfg = load_config(None, [*extra, override])
+        section, name = key.rsplit(".", 1) if "." in key else ("", key)
+        got = cfg.method[name] if section == "method" else getattr(getattr(cfg, section) if section else cfg, name)
+        assert (list(got) if isinstance(value, list) else got) == value
+    else:
+        with pytest.raises(ConfigError) as info:
+            load_config(None, [*extra, override])
+        assert str(info.value).startswith(f"{key} = ") and allowed in str(info.value)
+
+
+def test_bound_cases_cover_every_section():
+    keys = {c[1].split(".")[0] for c in BOUND_CASES}
+    assert {"train", "data", "tta", "continual", "cil", "method", "seed"} <= keys
+    assert len({c[0] for c in BOUND_CASES}) == len(BOUND_CASES)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=0", "train.batch_size = 0: must be an integer >= 1"),
+        ("train.lr=-1", "train.lr = -1.0: must be a finite number > 0"),
+        ("train.epochs=-1", "train.epochs = -1: must be an integer >= 0"),
+        ("train.momentum=1", "train.momentum = 1.0: must be a finite number in [0, 1)"),
+        ("train.betas=[0.9,1.0]", "train.betas = (0.9, 1.0): each must be a finite number in [0, 1)"),
+        ("train.warmup_fraction=1.5", "train.warmup_fraction = 1.5: must be a finite number in [0, 1]"),
+        ("data.max_words=2", "data.max_words = 2: must be 0 or an integer >= 3"),
+        ("tta.lr=nan", "tta.lr = nan: must be a finite number > 0"),
+        ("tta.momentum_m=inf", "tta.momentum_m = inf: must be a finite number in [0, 1]"),
+        ("continual.task_similarity_threshold=-inf", "continual.task_similarity_threshold = -inf: must be a finite"),
+        ("cil.order_seed=-2", "cil.order_seed = -2: must be an integer in [-1, 4294967295]"),
+        ("seed=4294967296", "seed = 4294967296: must be an integer in [0, 4294967295]"),
+    ],
+)
+def test_range_errors_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value).startswith(message)
+
+
+def test_zero_means_off_or_none_where_documented():
+    zeros = ["train.epochs=0", "data.max_words=0", "tta.steps=0", "train.grad_clip=0", "cil.order_seed=-1"]
+    cfg = load_config(None, zeros)
+    assert (cfg.train.epochs, cfg.data.max_words, cfg.tta.steps, cfg.cil.order_seed) == (0, 0, 0, -1)
+
+
+def test_method_options_are_checked_at_load_time(recipe):
+    with pytest.raises(ConfigError, match=r"^method\.n_ctx = 0: must be an integer >= 1"):
+        load_config(recipe, ["method.n_ctx=0"])
+    with pytest.raises(ConfigError, match=r"^method\.layers = \[0, -1\]: each must be an integer >= 0"):
+        load_config(None, ["method.name=hide_prompt", "method.layers=[0,-1]"])
+    with pytest.raises(ConfigError, match=r"method\.name = 'cooop' is not a method; known: .*coop"):
+        load_config(recipe, ["method.name=cooop"])
+    with pytest.raises(ConfigError, match="unknown option"):
+        load_config(recipe, ["method.n_ctxx=4"])
+
+
+def test_nested_method_sections_are_checked():
+    with pytest.raises(ConfigError, match=r"^method\.base\.n_ctx = 0: must be an integer >= 1"):
+        load_config(None, ["method.name=rvlr", "method.base={name: coop, n_ctx: 0}"])
+    with pytest.raises(ConfigError, match=r"method\.base\.name = 'nope' is not a method"):
+        load_config(None, ["method.name=rvlr", "method.base={name: nope}"])
+    assert load_config(None, ["method.name=rvlr", "method.base={name: coop, n_ctx: 2}"]).method["base"]["n_ctx"] == 2
+
+
+def _choice_fields() -> list[tuple[str, tuple[str, ...]]]:
+    out = []
+    for prefix, schema in _section_schemas():
+        if not prefix.startswith("method:"):
+            fields = dataclasses.fields(schema)
+            out += [(prefix + f.name, f.metadata[CHOICES]) for f in fields if CHOICES in f.metadata]
+    return out
+
+
+@pytest.mark.parametrize(("key", "allowed"), _choice_fields(), ids=[k for k, _ in _choice_fields()])
+def test_every_choice_is_enforced_with_the_allowed_values(key, allowed):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}=nope"])
+    assert str(info.value) == f"{key} = 'nope': must be one of {', '.join(allowed)}"
+    for value in allowed:
+        section, name = key.split(".")
+        assert getattr(getattr(load_config(None, [f"{key}={value}"]), section), name) == value
+
+
+def test_choice_keys_include_the_enumerated_options():
+    enumerated = {"backbone.precision", "train.optimizer", "train.schedule", "train.autocast", "continual.eval_split",
+                  "continual.eval_gallery", "tta.autocast", "cil.eval_split", "cil.train_transform"}  # fmt: skip
+    assert enumerated <= dict(_choice_fields()).keys()
+
+
+@dataclass
+class _RangedOpts:
+    n: int = dataclasses.field(default=1, metadata={RANGE: Range(ge=1)})
+    rates: list[float] = dataclasses.field(default_factory=list, metadata={RANGE: Range(gt=0, lt=1)})
+
+
+def test_options_from_dict_checks_ranges_under_the_given_prefix():
+    assert options_from_dict(_RangedOpts, {"n": 1, "rates": [0.5]}, where="x").rates == [0.5]
+    with pytest.raises(ConfigError, match=r"^method\.n = 0: must be an integer >= 1$"):
+        options_from_dict(_RangedOpts, {"n": 0}, where="method (demo)")
+    with pytest.raises(ConfigError, match=r"^method\.base\.rates = \[0\.5, 1\.0\]: each must be a finite number in"):
+        options_from_dict(_RangedOpts, {"rates": [0.5, 1.0]}, where="x", prefix="method.base.")
+
+
+def test_check_fields_walks_nested_sections():
+    cfg = Config()
+    cfg.tta.views = 0
+    with pytest.raises(ConfigError, match=r"^tta\.views = 0: must be an integer >= 1$"):
+        check_fields(cfg)
+    assert 5 in Range(ge=1) and 0 not in Range(ge=1) and 0 in Range(ge=3, off=0) and True not in Range(ge=0)
+
+
+@pytest.mark.parametrize(
+    "recipe_path",
+    sorted([*(REPO / "configs").glob("*.yaml"), *(REPO / "configs" / "world").glob("*.yaml")]),
+    ids=lambda p: f"{p.parent.name}/{p.stem}",
+)
+def test_every_shipped_recipe_loads(recipe_path):
+    cfg = load_config(recipe_path)  # every range and choice, the method's options included
+    assert cfg.method["name"] in METHODS

@@ -77,3 +77,71 @@ def test_tower_video_output_shapes_and_batch_independence(tiny) -> None:
 def test_global_tokens_need_frames(tiny) -> None:
     with pytest.raises(ValueError, match="frame input"):
         tiny.vision(torch.randn(2, 3, 64, 64), PromptPlan(global_tokens=torch.randn(4, tiny.vision_width)))
+
+
+def test_global_tokens_refuse_prefix_or_mask_alone_and_layers_past_the_tower(tiny) -> None:
+    frames = torch.randn(1, 2, 3, 64, 64)
+    width, layers = tiny.vision_width, tiny.vision.num_layers
+    g = torch.randn(2, width)
+    kv = (torch.randn(2, width), torch.randn(2, width))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        tiny.vision(frames, PromptPlan(global_tokens=g, prefix={0: kv}))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        tiny.vision(frames, PromptPlan(global_tokens=g, attn_mask=torch.ones(2, 2, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="touches layer"):
+        tiny.vision(frames, PromptPlan(global_tokens=g, replace={layers: torch.randn(1, width)}))
+
+
+def test_global_tokens_take_the_frames_dtype(tiny) -> None:
+    frames = torch.randn(1, 2, 3, 64, 64)
+    g = torch.randn(2, tiny.vision_width)
+    with torch.no_grad():
+        ref = tiny.vision(frames, PromptPlan(global_tokens=g))
+        out = tiny.vision(frames, PromptPlan(global_tokens=g.double()))
+    assert out.pooled.dtype == torch.float32
+    assert torch.allclose(out.pooled, ref.pooled, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["replace", "add"])
+def test_deep_frame_prompts_under_global_tokens_match_a_manual_loop(tiny, mode: str) -> None:
+    """Under global-local attention, ``replace``/``add`` at layer l overwrite/add the frame tokens' prompt span
+    before block l (never the globals); pooled = projected global token 0, frames = projected CLS of each frame."""
+    torch.manual_seed(2)
+    width, batch, frames_n, n = tiny.vision_width, 2, 3, 2
+    video = torch.randn(batch, frames_n, 3, 64, 64)
+    deep = {1: torch.randn(n, width), 2: torch.randn(n, width)}
+    plan = PromptPlan(insert=torch.randn(n, width), global_tokens=torch.randn(3, width), **{mode: deep})
+    v = tiny.vision.visual
+    with torch.no_grad():
+        out = tiny.vision(video, plan, return_tokens=True)
+        f = tiny.vision.embed(video.flatten(0, 1), PromptPlan(insert=plan.insert))
+        g = plan.global_tokens.expand(batch, -1, -1)
+        for layer, block in enumerate(tiny.vision.blocks):
+            if layer in deep:
+                f = f.clone()
+                f[:, 1 : 1 + n] = deep[layer] if mode == "replace" else f[:, 1 : 1 + n] + deep[layer]
+            g, f = run_global_local_block(block, g, f)
+        pooled = v.ln_post(g[:, 0]) @ v.proj
+        frame_pooled = (v.ln_post(f[:, 0]) @ v.proj).unflatten(0, (batch, frames_n))
+    assert torch.allclose(out.pooled, pooled, atol=1e-5)
+    assert torch.allclose(out.frames, frame_pooled, atol=1e-5)
+    assert torch.allclose(out.tokens, g, atol=1e-5)  # return_tokens gives the final global tokens
+    assert tiny.vision(video, plan).tokens is None
+
+
+def test_global_local_grad_checkpointing_gives_same_outputs_and_gradients(tiny) -> None:
+    torch.manual_seed(3)
+    video = torch.randn(1, 2, 3, 64, 64)
+    tokens = torch.randn(2, tiny.vision_width, requires_grad=True)
+    glob = torch.randn(2, tiny.vision_width, requires_grad=True)
+    results = []
+    for enable in (False, True):
+        tiny.vision.set_grad_checkpointing(enable)
+        try:
+            out = tiny.vision(video, PromptPlan(insert=tokens, add={1: tokens}, global_tokens=glob))
+            grads = torch.autograd.grad(out.pooled.sum() + out.frames.sum(), (tokens, glob))
+        finally:
+            tiny.vision.set_grad_checkpointing(False)
+        results.append((out.pooled.detach(), *grads))
+    for plain, checkpointed in zip(results[0], results[1]):
+        assert torch.allclose(plain, checkpointed, atol=1e-5)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlprompt.backbone.plan import PromptPlan, batched, insert_tokens, write_tokens
+from vlprompt.backbone.plan import (
+    PromptPlan,
+    batched,
+    insert_tokens,
+    insert_tokens_at,
+    replace_tokens_at,
+    write_tokens,
+)
 
 
 def test_empty_plan_properties():
@@ -98,3 +105,21 @@ def test_helpers_cast_tokens_to_the_sequence_dtype():
     x = torch.zeros(1, 4, 2, dtype=torch.float64)
     assert write_tokens(x, torch.ones(1, 2), 1, "add").dtype == torch.float64
     assert insert_tokens(x, torch.ones(1, 2), 1).dtype == torch.float64
+
+
+def test_per_row_span_helpers_cast_tokens_to_the_sequence_dtype():
+    """Suffix tokens (float64 here) take the hidden states' dtype; ``torch.where`` alone would promote to float64."""
+    x = torch.zeros(2, 4, 3, dtype=torch.float32)
+    tokens = torch.ones(2, 3, dtype=torch.float64)
+    starts = torch.tensor([1, 2])
+    assert insert_tokens_at(x, tokens, starts).dtype == torch.float32
+    assert replace_tokens_at(x, tokens, starts).dtype == torch.float32
+
+
+def test_span_helpers_cast_wider_tokens_down_to_the_sequence_dtype():
+    """float64 tokens in a float32 sequence stay float32 (``torch.cat`` alone would promote to float64)."""
+    x = torch.zeros(1, 4, 2, dtype=torch.float32)
+    tokens = torch.ones(1, 2, dtype=torch.float64)
+    assert write_tokens(x, tokens, 1, "replace").dtype == torch.float32
+    assert write_tokens(x, tokens, 1, "add").dtype == torch.float32
+    assert insert_tokens(x, tokens, 1).dtype == torch.float32

@@ -489,3 +489,35 @@ def test_grad_checkpointing_gives_same_outputs_and_gradients(monkeypatch, images
     with torch.no_grad():
         bb.encode_image(images)
     assert not calls
+
+
+def test_masks_take_the_requested_dtype():
+    """Bool and float masks become additive masks of the hidden states' dtype (float64 here, not the default)."""
+    allowed = torch.tensor([[True, False], [True, True]])
+    out = towers_module.combine_masks(allowed, torch.zeros(2, 2), dtype=torch.float64)
+    assert out.dtype == torch.float64
+    assert out[0, 1] == float("-inf") and out[0, 0] == 0.0
+    assert towers_module.combine_masks(torch.zeros(2, 2), dtype=torch.float64).dtype == torch.float64
+    causal = towers_module.causal_mask(3, torch.device("cpu"), torch.float64)
+    assert causal.dtype == torch.float64 and causal[0, 1] == float("-inf") and causal[1, 0] == 0.0
+
+
+def test_set_grad_checkpointing_enables_by_default(tiny):
+    tower = tiny.vision
+    try:
+        tower.set_grad_checkpointing()
+        assert tower.grad_checkpointing is True
+    finally:
+        tower.set_grad_checkpointing(False)
+
+
+def test_project_tokens_without_a_projection_is_ln_post_only(tiny):
+    tower = tiny.vision
+    x = torch.randn(2, 5, tiny.vision_width)
+    proj = tower.visual.proj
+    try:
+        tower.visual.proj = None
+        out = tower.project_tokens(x)
+    finally:
+        tower.visual.proj = proj
+    assert torch.allclose(out, tower.visual.ln_post(x), atol=ATOL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -103,6 +104,78 @@ def test_cifar100_pickles(tmp_path: Path):
     assert isinstance(image, Image.Image) and label == 0 and index == 0
     with pytest.raises(DataError, match="pickle not found"):
         read_cifar100(tmp_path / "nothing", "train")
+
+
+# The files from the CIFAR site were written by Python 2's cPickle (protocol 2) with numpy 1: byte strings, and
+# the array rebuilt by numpy.core.multiarray._reconstruct + ndarray.__setstate__. Written opcode by opcode here.
+def _py2_str(b: bytes) -> bytes:
+    return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<I", len(b)) + b
+
+
+def _py2_int(n: int) -> bytes:
+    return b"J" + struct.pack("<i", n)
+
+
+def _py2(value) -> bytes:
+    if isinstance(value, bytes):
+        return _py2_str(value)
+    if isinstance(value, int):
+        return _py2_int(value)
+    if isinstance(value, list):
+        return b"](" + b"".join(_py2(v) for v in value) + b"e"
+    if isinstance(value, dict):
+        return b"}(" + b"".join(_py2(k) + _py2(v) for k, v in value.items()) + b"u"
+    assert isinstance(value, np.ndarray) and value.dtype == np.uint8
+    # _reconstruct(ndarray, (0,), 'b') [GLOBAL, GLOBAL, TUPLE1, TUPLE3, REDUCE], then BUILD with
+    # (1, shape, dtype('u1', 0, 1) + its state, False, raw bytes)
+    reconstruct = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+    empty = reconstruct + _py2_int(0) + b"\x85" + _py2_str(b"b") + b"\x87R"
+    dtype = (b"cnumpy\ndtype\n" + _py2_str(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R(" + _py2_int(3)
+             + _py2_str(b"|") + b"NNN" + _py2_int(-1) + _py2_int(-1) + _py2_int(0) + b"tb")  # fmt: skip
+    shape = b"(" + b"".join(_py2_int(d) for d in value.shape) + b"t"
+    return empty + b"(" + _py2_int(1) + shape + dtype + b"\x89" + _py2_str(value.tobytes()) + b"tb"
+
+
+def test_cifar100_python2_files_as_published(tmp_path: Path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = np.random.RandomState(1).randint(0, 256, (4, 3072)).astype(np.uint8)
+    batch = {b"filenames": [b"a.png", b"b.png", b"c.png", b"d.png"], b"batch_label": b"training batch 1 of 1",
+             b"fine_labels": [3, 1, 4, 1], b"coarse_labels": [0, 0, 1, 1], b"data": data}  # fmt: skip
+    (folder / "train").write_bytes(b"\x80\x02" + _py2(batch) + b".")
+    meta = {b"fine_label_names": [b"apple", b"aquarium_fish", b"baby", b"bear", b"beaver"],
+            b"coarse_label_names": [b"x", b"y"]}  # fmt: skip
+    (folder / "meta").write_bytes(b"\x80\x02" + _py2(meta) + b".")
+    assert b"cnumpy.core.multiarray\n_reconstruct" in (folder / "train").read_bytes()
+    images, labels, classes = read_cifar100(tmp_path, "train")
+    assert np.array_equal(images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert labels == [3, 1, 4, 1] and classes.names[1] == "aquarium fish"
+
+
+@pytest.mark.parametrize("protocol", range(2, pickle.HIGHEST_PROTOCOL + 1))
+def test_cifar100_pickles_rewritten_by_python3(tmp_path: Path, protocol: int):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = np.arange(2 * 3072).astype(np.uint8).reshape(2, 3072)
+    (folder / "test").write_bytes(pickle.dumps({b"data": data, b"fine_labels": [1, 0], b"batch_label": b""},
+                                               protocol=protocol))  # fmt: skip
+    images, labels, _ = read_cifar100(tmp_path, "test")
+    assert images.shape == (2, 32, 32, 3) and labels == [1, 0] and int(images[1, 0, 0, 0]) == 3072 % 256
+
+
+def test_cifar100_with_objects_is_refused(tmp_path: Path):
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "train").write_bytes(pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"fine_labels": [0],
+                                                 b"when": __import__("datetime").date(2020, 1, 1)}))  # fmt: skip
+    with pytest.raises(DataError, match=r"train: refusing to unpickle datetime.date"):
+        read_cifar100(tmp_path, "train")
+    (folder / "train").write_bytes(pickle.dumps({b"data": np.array([[None]], dtype=object), b"fine_labels": [0]}))
+    with pytest.raises(DataError, match=r"train: 'data' is not an array of uint8 pixels"):
+        read_cifar100(tmp_path, "train")
+    (folder / "train").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(DataError, match=r"train is not a CIFAR python pickle \(a list"):
+        read_cifar100(tmp_path, "train")
 
 
 def _png(path: Path, colour=(200, 10, 10)) -> None:

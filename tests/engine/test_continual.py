@@ -81,6 +81,23 @@ def test_generic_resume_continues_at_the_next_task_with_identical_results(tmp_pa
     assert resumed["matrices"] == reference["matrices"]
 
 
+def test_checkpoints_hold_no_pickle_and_an_older_one_is_refused(tmp_path: Path):
+    torch.manual_seed(0)
+    with pytest.raises(_Interrupt):
+        run_task_sequence(FakeLearner(), TASKS, tmp_path / "run", interrupt_after_task=0)
+    checkpoint = task_checkpoint(tmp_path / "run")
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["loop.json", "loop.safetensors", "state.safetensors"]
+    # the same checkpoint as an older vlprompt wrote it: the loop state pickled in loop.pt
+    for name in ("loop.json", "loop.safetensors"):
+        (checkpoint / name).unlink()
+    torch.save({"session": 0}, checkpoint / "loop.pt")
+    assert task_checkpoint(tmp_path / "run") == checkpoint  # still a run: not overwritten
+    with pytest.raises(ConfigError, match="resume=true"):
+        run_task_sequence(FakeLearner(), TASKS, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"loop.pt: this run directory was written by an older vlprompt"):
+        run_task_sequence(FakeLearner(), TASKS, tmp_path / "run", resume=True)
+
+
 def test_lpi_epoch_schedule():
     assert [round(0.05 * epoch_cosine(e, 10), 6) for e in range(10)] == [
         round(0.025 * (1 + math.cos(math.pi * e / 10)), 6) for e in range(10)
@@ -166,3 +183,18 @@ def test_demo_section(small_world: Path, tmp_path: Path):
     assert rows[0].trainable == 0 and all(r.trainable > 0 for r in rows[1:])
     assert "route img" in rows[4].metrics and "route img" not in rows[1].metrics
     assert "i2t R@1 matrix" in (tmp_path / "demo" / "report.html").read_text()
+
+
+def test_a_bad_eval_file_fails_before_the_first_task_trains(
+    small_world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from vlprompt.engine import continual
+    from vlprompt.errors import DataError
+
+    bad = tmp_path / "test.json"
+    bad.write_text('[{"image": "x.png", "caption": 3}]')
+    steps: list[int] = []
+    monkeypatch.setattr(continual, "optimizer_step", lambda *args: steps.append(1))
+    with pytest.raises(DataError, match=f"{bad}: record 0"):
+        run_continual(_cfg(small_world, tmp_path, "bad_eval", "seqft", f"data.test={bad}"), progress=False)
+    assert steps == [] and task_checkpoint(tmp_path / "bad_eval") is None

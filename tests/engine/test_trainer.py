@@ -71,6 +71,8 @@ def test_resume_after_kill_matches_uninterrupted(image_text_set: Path, tmp_path:
             _cfg(image_text_set, tmp_path, "killed", "train.checkpoint_every=2"), progress=False, interrupt_at_step=5
         )
     assert latest_checkpoint(tmp_path / "killed").name == "step_00000004"
+    saved = sorted(p.name for p in latest_checkpoint(tmp_path / "killed").iterdir())
+    assert saved == ["loop.json", "loop.safetensors", "trainable.safetensors"]  # no pickle anywhere
     with pytest.raises(ConfigError, match="resume=true"):
         train(_cfg(image_text_set, tmp_path, "killed", "train.checkpoint_every=2"), progress=False)
     resumed = train(
@@ -79,6 +81,23 @@ def test_resume_after_kill_matches_uninterrupted(image_text_set: Path, tmp_path:
     assert resumed["steps"] == full["steps"]
     assert resumed["test"] == full["test"]
     assert resumed["val"] == full["val"]
+
+
+def test_an_older_pickled_run_directory_is_kept_and_refused(image_text_set: Path, tmp_path: Path) -> None:
+    # A run directory of an older vlprompt: its loop state is a pickle (here planted to touch a marker).
+    class Planted:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "ran",))
+
+    step = tmp_path / "old" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    torch.save({"step": 2, "rng": Planted()}, step / "state.pt")
+    (step.parent / "latest").write_text(step.name + "\n")
+    with pytest.raises(ConfigError, match="resume=true"):  # recognised as a run: not overwritten
+        train(_cfg(image_text_set, tmp_path, "old"), progress=False)
+    with pytest.raises(ConfigError, match=r"state.pt: this run directory was written by an older vlprompt"):
+        train(_cfg(image_text_set, tmp_path, "old", "resume=true"), progress=False)
+    assert not (tmp_path / "ran").exists()
 
 
 def test_epoch_order_is_reproducible() -> None:
@@ -138,3 +157,29 @@ def test_video_training_on_msrvtt_layout(small_world: Path, tmp_path: Path) -> N
     assert {"t2v/R@1", "v2t/R@1", "rsum", "t2v/order_acc"} <= set(result["test"])
     assert 0 <= result["test"]["t2v/order_acc"] <= 100
     assert evaluate_target(tmp_path / "video") == pytest.approx(result["test"])
+
+
+@pytest.mark.parametrize("content", [None, "[{\"image\": \"images/x.png\"", "[{\"image\": \"images/x.png\"}]"],
+                         ids=["missing", "truncated_json", "record_without_caption"])  # fmt: skip
+def test_a_bad_test_file_fails_before_the_first_step(
+    image_text_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str | None
+) -> None:
+    from vlprompt.engine import trainer
+    from vlprompt.errors import DataError
+
+    bad = tmp_path / "bad_test.json"  # absolute, so data.root does not apply
+    if content is not None:
+        bad.write_text(content)
+    steps: list[int] = []
+    monkeypatch.setattr(trainer, "optimizer_step", lambda *args: steps.append(1))
+    with pytest.raises(DataError, match=str(bad)):
+        train(_cfg(image_text_set, tmp_path, "badtest", f"data.test={bad}"), progress=False)
+    assert steps == []  # no optimizer step ran ...
+    assert latest_checkpoint(tmp_path / "badtest") is None  # ... no checkpoint was written ...
+    assert not (tmp_path / "badtest" / "metrics.jsonl").exists()  # ... and no epoch was validated
+
+
+def test_bad_config_values_stop_train_before_any_work(image_text_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^train\.batch_size = 0: must be an integer >= 1$"):
+        train(_cfg(image_text_set, tmp_path, "zero_batch", "train.batch_size=0"), progress=False)
+    assert not (tmp_path / "zero_batch").exists()

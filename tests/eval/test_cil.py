@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from vlprompt.eval.cil import CIL_DEFINITIONS, caa, faa, ffm, forgetting_coda, summarize_cil
@@ -32,3 +33,35 @@ def test_single_session_and_summary_keys():
     assert set(summary) == {f"cil/acc/{k}" for k in CIL_DEFINITIONS}
     with pytest.raises(ValueError, match="missing"):
         faa([[1.0, None], [None, 2.0]])
+
+
+def _cil_loops(r: list[list[float]]) -> tuple[float, float]:
+    """FFM and CODA's forgetting written as the papers' loops over the seen part of ``R`` (i >= j)."""
+    n = len(r)
+    ffm_ref = sum(max(r[i][j] for i in range(j, n)) - r[n - 1][j] for j in range(n - 1)) / (n - 1)
+    coda_ref = sum(sum(r[t - 1][j] - r[t][j] for j in range(t)) / t for t in range(1, n)) / (n - 1)
+    return ffm_ref, coda_ref
+
+
+def test_forgetting_measures_match_loops_on_partial_runs_with_two_to_five_sessions():
+    """FFM and CODA forgetting over n sessions of a wider task list (m > n): the session count, not the task count,
+    sets the last row and the averaging; two sessions already have forgetting; CODA divides step t by t."""
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 5):
+        m = n + 2  # the run stopped before the last two tasks
+        r = rng.uniform(0, 100, (n, m)).round(1)
+        r[np.triu_indices(n, 1, m)] = np.nan
+        ffm_ref, coda_ref = _cil_loops(r.tolist())
+        assert ffm(r) == pytest.approx(ffm_ref, abs=1e-9)
+        assert forgetting_coda(r) == pytest.approx(coda_ref, abs=1e-9)
+
+
+def test_two_sessions_hand_computed():
+    """n = 2 is the smallest run with forgetting: FFM = max(R00, R10) - R10, CODA = R00 - R10."""
+    r = [[90.0, None], [60.0, 40.0]]
+    assert ffm(r) == pytest.approx(30.0)
+    assert forgetting_coda(r) == pytest.approx(30.0)
+
+
+def test_summary_default_prefix_is_cil_acc():
+    assert set(summarize_cil(R)) == {f"cil/acc/{k}" for k in CIL_DEFINITIONS}

@@ -105,9 +105,31 @@ def test_mixed_protocol_keeps_self_and_official_transposes() -> None:
     t_scores = torch.cat([q @ txt.T, q @ img.T], 1).numpy()
     assert out["t2it/NDCG@4"] == pytest.approx(_brute_ndcg(t_scores, np.concatenate([rel.T, rel[first]], 1), 4), 1e-4)
     official = mixed_ndcg(img, txt, img2txt, rel, ks=(4,), official=True)
+    # the reference transposes the image part of t2it, scores and relevance alike
+    t_scores_quirk = torch.cat([q @ txt.T, (q @ img.T).T], 1).numpy()
     t_rel_quirk = np.concatenate([rel.T, rel[first].T], 1)
-    assert official["t2it/NDCG@4"] == pytest.approx(_brute_ndcg(t_scores, t_rel_quirk, 4), abs=1e-4)
+    assert official["t2it/NDCG@4"] == pytest.approx(_brute_ndcg(t_scores_quirk, t_rel_quirk, 4), abs=1e-4)
     assert official["i2it/NDCG@4"] == pytest.approx(out["i2it/NDCG@4"])
+
+
+def test_official_t2it_transposes_the_image_scores_too() -> None:
+    """A hand-made case (2 images, 1 caption each, exact integer scores) where transposing the scores matters.
+
+    Caption-image scores s(c, j) = [[-1, -3], [3, 1]], caption-caption [[2, 0], [0, 2]], Rel = [[1, .25], [.5, 1]].
+    Reference (``scores_t2i.T[:, ::5]``): query c0 sees images with s(c0, im0) = -1, s(c1, im0) = 3 and ranks
+    im1 (rel .5) then c0 (rel 1); query c1 sees s(c0, im1) = -3, s(c1, im1) = 1 and ranks c1 (1) then im1 (1).
+    Transposing only the relevance would rank c0 (1), c1 (.5) for c0 and im0 (.25), c1 (1) for c1.
+    """
+    txt = torch.tensor([[-1.0, -1.0], [-1.0, 1.0]])
+    img = torch.tensor([[-1.0, 2.0], [1.0, 2.0]])
+    rel = np.array([[1.0, 0.25], [0.5, 1.0]])
+    d2 = 1 / math.log2(3)
+    ideal = 1 + d2  # both queries: relevances {1, 1, .5, .5} (c0) and {1, 1, .25, .25} (c1)
+    reference = 100 * ((0.5 + d2) / ideal + 1.0) / 2
+    relevance_only = 100 * ((1 + 0.5 * d2) / ideal + (0.25 + d2) / ideal) / 2
+    official = mixed_ndcg(img, txt, [[0], [1]], rel, ks=(2,), official=True)["t2it/NDCG@2"]
+    assert official == pytest.approx(reference)
+    assert abs(reference - relevance_only) > 10  # the case separates the two readings
 
 
 def test_modal_balance_keys_and_protocols() -> None:
@@ -130,3 +152,87 @@ def test_identical_embeddings_give_perfect_recall() -> None:
     txt = img[torch.tensor(txt2img)]  # every caption embedded exactly like its image
     metrics = bidirectional_metrics(txt, img, txt2img)
     assert metrics["t2i/R@1"] == 100.0 and metrics["i2t/R@1"] == 100.0
+
+
+def _simplex_gallery(n: int = 4):
+    """One caption per image, embedded like its image; distinct items score -1/n < 0 (so the zero-score
+    self-exclusion of the official mode ranks the query first) and the relevance is asymmetric (so transposing it
+    changes t2it)."""
+    simplex = torch.eye(n) - 1.0 / n
+    rel = np.random.default_rng(1).uniform(0.0, 0.9, (n, n))
+    rel[np.arange(n), np.arange(n)] = 1.0
+    return simplex, simplex.clone(), list(range(n)), [[i] for i in range(n)], rel
+
+
+def test_modal_balance_passes_official_and_visual_through_to_both_protocols() -> None:
+    """``modal_balance_metrics`` must hand ``official`` (default False) and ``visual`` to both protocols unchanged."""
+    img, txt, txt2img, img2txt, rel = _simplex_gallery()
+    for official in (False, True):
+        single = single_modal_ndcg(img, txt, img2txt, rel, ks=(1, 3), official=official, visual="v")
+        mixed = mixed_ndcg(img, txt, img2txt, rel, ks=(1, 3), official=official, visual="v")
+        out = modal_balance_metrics(img, txt, txt2img, rel, "all", ks=(1, 3), official=official, visual="v")
+        assert out == pytest.approx({**single, **mixed})
+    plain = modal_balance_metrics(img, txt, txt2img, rel, ks=(1, 3), visual="v")
+    assert plain == pytest.approx(modal_balance_metrics(img, txt, txt2img, rel, ks=(1, 3), official=False, visual="v"))
+    quirk = modal_balance_metrics(img, txt, txt2img, rel, ks=(1, 3), official=True, visual="v")
+    # the case separates the modes in every direction but i2it (which has no quirk)
+    for key in ("v2v/NDCG@1", "t2t/NDCG@1", "t2vt/NDCG@3"):
+        assert abs(plain[key] - quirk[key]) > 1.0, key
+
+
+def test_official_single_modal_keeps_the_query_caption_with_score_zero_in_t2t() -> None:
+    img, txt, _, img2txt, rel = _simplex_gallery()
+    assert single_modal_ndcg(img, txt, img2txt, rel, ks=(1,), official=True)["t2t/NDCG@1"] == 0.0
+    assert single_modal_ndcg(img, txt, img2txt, rel, ks=(1,))["t2t/NDCG@1"] > 0.0
+
+
+def test_an_image_without_captions_is_rejected() -> None:
+    img, txt, _, _, rel = _simplex_gallery()
+    with pytest.raises(ValueError, match="non-empty caption list"):
+        mixed_ndcg(img, txt, [[0], [1], [], [3]], rel)
+
+
+@pytest.mark.parametrize("which", ["scores", "relevance"])
+def test_ndcg_errors_name_the_bad_input(which: str) -> None:
+    args = {"scores": np.zeros((2, 3)), "relevance": np.zeros((2, 3))}
+    args[which][0, 0] = np.nan
+    with pytest.raises(ValueError, match=f"^{which} contains NaN"):
+        ndcg_at_k(args["scores"], args["relevance"])
+
+
+@pytest.mark.parametrize("which", ["image features", "text features", "relevance"])
+def test_protocol_errors_name_the_bad_input(which: str) -> None:
+    img, txt, _, img2txt, rel = _simplex_gallery()
+    args = {"image features": img.clone(), "text features": txt.clone(), "relevance": rel.copy()}
+    args[which][0, 0] = float("nan")
+    with pytest.raises(ValueError, match=f"^{which} contains NaN"):
+        single_modal_ndcg(args["image features"], args["text features"], img2txt, args["relevance"])
+
+
+def test_official_exclusion_gives_the_query_score_zero_not_one() -> None:
+    """With positive scores the zero-scored query sinks to the end of its list (official mode)."""
+    scores = np.array([[0.3, 0.9, 0.5], [0.4, 0.2, 0.6], [0.7, 0.8, 0.1]])
+    rel = np.array([[1.0, 0.2, 0.9], [0.5, 1.0, 0.1], [0.3, 0.8, 1.0]])
+    exclude = [0, 1, 2]
+    zeroed = scores.copy()
+    zeroed[np.arange(3), exclude] = 0.0
+    rel_zeroed = rel.copy()
+    rel_zeroed[np.arange(3), exclude] = 0.0
+    got = ndcg_at_k(scores, rel, ks=(1, 2), exclude=exclude, exclude_by_zero_score=True)
+    for k in (1, 2):
+        assert got[k] == pytest.approx(_brute_ndcg(zeroed, rel_zeroed, k), abs=1e-4)  # inputs go through float32
+
+
+def test_ks_and_empty_inputs_are_checked_and_a_one_item_gallery_works() -> None:
+    with pytest.raises(ValueError, match="ks must be positive"):
+        ndcg_at_k(np.zeros((2, 3)), np.zeros((2, 3)), ks=(0, 5))
+    with pytest.raises(ValueError, match="empty"):
+        ndcg_at_k(np.zeros((0, 3)), np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="empty"):
+        ndcg_at_k(np.zeros((3, 0)), np.zeros((3, 0)))
+    assert ndcg_at_k(np.ones((2, 1)), np.ones((2, 1)), ks=(1, 10)) == {1: 100.0, 10: 100.0}
+
+
+def test_scores_that_require_grad_are_accepted() -> None:
+    scores = torch.tensor([[0.9, 0.1]], requires_grad=True)
+    assert ndcg_at_k(scores, np.array([[1.0, 0.0]]), ks=(1,))[1] == 100.0

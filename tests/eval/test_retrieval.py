@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -236,3 +237,117 @@ def test_cuda_tensors_match_cpu() -> None:
     cpu = bidirectional_metrics(text, image, txt2img, chunk_size=16)
     gpu = bidirectional_metrics(text.cuda(), image.cuda(), txt2img.cuda(), chunk_size=16)
     assert gpu == pytest.approx(cpu)
+
+
+@pytest.mark.parametrize("d", [64, 512])
+@pytest.mark.parametrize("m", [33, 301])
+def test_copies_of_the_ground_truth_tie_on_every_kernel(d: int, m: int) -> None:
+    # Two copies of the ground-truth item must tie with it exactly, whatever GEMM blocking the BLAS kernel used:
+    # pessimistic ranks then sit exactly 2 behind optimistic ones (float32 products broke this for some queries).
+    g = np.random.default_rng(0).standard_normal((m, d)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    g[[m // 2, m - 1]] = g[1]
+    queries = g[:8]
+    for chunk in (1, 8):
+        opt = ranks_from_features(queries, g, [1] * 8, chunk_size=chunk)
+        pes = ranks_from_features(queries, g, [1] * 8, chunk_size=chunk, ties="pessimistic")
+        np.testing.assert_array_equal(pes - opt, 2)
+
+
+def _near_tie_features() -> torch.Tensor:
+    """Two rows: query 0 ties exactly with both items; query 1 beats the other item by 1e-8, which float32 rounds
+    away (1 + 1e-8 -> 1.0) and float64 keeps. Used as texts and as images, ground truth on the diagonal."""
+    return torch.tensor([[1.0, 0.0], [1.0, 1e-4]])
+
+
+def test_bidirectional_metrics_pass_ties_and_dtype_to_both_directions() -> None:
+    x = _near_tie_features()
+    r1 = {d: f"{d}/R@1" for d in ("t2i", "i2t")}
+    optimistic = bidirectional_metrics(x, x, None)
+    pessimistic = bidirectional_metrics(x, x, None, ties="pessimistic")
+    fine = bidirectional_metrics(x, x, None, ties="pessimistic", dtype=torch.float64)
+    for key in r1.values():
+        assert optimistic[key] == 100.0  # ties never count against the ground truth
+        assert pessimistic[key] == 0.0  # both queries tie in float32
+        assert fine[key] == 50.0  # float64 separates query 1's near tie
+
+
+def test_bidirectional_from_similarity_passes_ties_and_keeps_a_given_img2txt() -> None:
+    sim = np.array([[1.0, 1.0], [0.0, 1.0]])
+    assert bidirectional_metrics_from_similarity(sim, None, ties="pessimistic")["t2i/R@1"] == 50.0
+    assert bidirectional_metrics_from_similarity(sim, None, ties="pessimistic")["i2t/R@1"] == 50.0
+    assert bidirectional_metrics_from_similarity(sim, None)["i2t/R@1"] == 100.0
+    # an explicit img2txt wins over the inverse of txt2img: image 0's ground truth is text 1 (score 0 < 1)
+    out = bidirectional_metrics_from_similarity(sim, [0, 1], img2txt=[[1], [1]])
+    assert out["i2t/R@1"] == 50.0
+    assert bidirectional_metrics_from_similarity(sim, [0, 1])["i2t/R@1"] == 100.0
+
+
+def test_integer_similarities_rank_like_floats_and_bool_is_rejected() -> None:
+    sim = np.array([[3, 5, 1], [2, 2, 7], [0, 9, 9]])
+    floats = ranks_from_similarity(sim.astype(float), [0, 1, 2])
+    assert ranks_from_similarity(sim, [0, 1, 2]).tolist() == floats.tolist() == [1, 1, 0]
+    assert ranks_from_similarity(sim, [0, 1, 2], ties="pessimistic").tolist() == [1, 2, 1]
+    with pytest.raises(ValueError, match="real-valued"):
+        ranks_from_similarity(np.eye(2, dtype=bool))
+    with pytest.raises(ValueError, match="^similarity must be a numeric"):
+        ranks_from_similarity(np.array([["a", "b"]], dtype=object))
+    with pytest.raises(ValueError, match="^similarity must be a numeric"):
+        bidirectional_metrics_from_similarity(np.array([["a", "b"]], dtype=object), None)
+
+
+def test_empty_similarity_is_rejected_but_one_gallery_item_is_fine() -> None:
+    for shape in ((0, 3), (3, 0)):
+        with pytest.raises(ValueError, match="empty"):
+            ranks_from_similarity(np.zeros(shape), [0, 0, 0] if shape[0] else [])
+    assert ranks_from_similarity(np.array([[0.5], [0.1]]), [0, 0]).tolist() == [0, 0]
+
+
+def test_direction_names_must_be_two_non_empty_strings() -> None:
+    x = _near_tie_features()
+    for names in (("t2i", ""), ("t2i", 1), ("t2i",)):
+        with pytest.raises(ValueError, match="names must be"):
+            bidirectional_metrics(x, x, None, names=names)
+
+
+def test_two_dimensional_ground_truth_arrays_are_lists_of_ground_truths() -> None:
+    """A ``[num_queries, k]`` integer array means k ground truths per query, not num_queries * k single ones."""
+    sim = np.array([[0.1, 0.9, 0.5], [0.8, 0.2, 0.4]])
+    as_array = ranks_from_similarity(sim, np.array([[0, 2], [1, 2]]))
+    assert as_array.tolist() == ranks_from_similarity(sim, [[0, 2], [1, 2]]).tolist() == [1, 1]
+
+
+def test_ground_truth_equal_to_the_gallery_size_is_out_of_range() -> None:
+    sim = np.zeros((2, 3))
+    for gt in ([[0], [3]], [[0, 3], [1]]):
+        with pytest.raises(ValueError, match="outside the gallery range"):
+            ranks_from_similarity(sim, gt)
+
+
+def test_feature_inputs_are_checked_and_single_items_work() -> None:
+    with pytest.raises(ValueError, match="^query features must be a numeric"):
+        ranks_from_features(np.array([["a"]], dtype=object), np.ones((1, 1)))
+    with pytest.raises(ValueError, match="^gallery features must be a numeric"):
+        ranks_from_features(np.ones((1, 1)), np.array([["a"]], dtype=object))
+    with pytest.raises(ValueError, match="2-D"):
+        ranks_from_features(np.ones((2, 3)), np.ones(3), [0, 0])
+    with pytest.raises(ValueError, match="no features"):
+        ranks_from_features(np.ones((2, 3)), np.ones((0, 3)), [0, 0])
+    assert ranks_from_features(np.ones((1, 3)), np.ones((1, 3)), [0]).tolist() == [0]  # one query, one item
+    near = _near_tie_features()
+    assert ranks_from_features(near, near, None, ties="pessimistic", dtype=torch.float64).tolist() == [1, 0]
+
+
+def test_read_only_arrays_are_used_without_a_warning() -> None:
+    sim = np.array([[0.9, 0.1], [0.2, 0.8]])
+    sim.setflags(write=False)  # as np.load(..., mmap_mode="r") gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ranks_from_similarity(sim).tolist() == [0, 0]
+
+
+def test_retrieval_metrics_ks_and_empty_prefix() -> None:
+    assert set(retrieval_metrics([0, 3], "")) == {"R@1", "R@5", "R@10", "MdR", "MnR"}
+    for ks in ((0, 5), (1.5,)):
+        with pytest.raises(ValueError, match="ks must be positive ints"):
+            retrieval_metrics([0, 3], "t2i", ks=ks)

@@ -196,3 +196,30 @@ def _write_config(cfg, path: Path) -> str:
 
     path.write_text(to_yaml(cfg))
     return str(path)
+
+
+def test_an_empty_annotation_file_has_no_records(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from vlprompt.cli.main import main
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(DataError, match=r"empty.json holds no records"):
+        build_index(tmp_path / "idx", "vlprompt-tiny", str(empty), **TINY)
+    argv = ["index", "build", "--model", "vlprompt-tiny", "--pretrained", "none", "--device", "cpu", "--quiet"]
+    assert main([*argv, "--data", str(empty), "--out", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err
+    assert "no records" in err and "out of range" not in err
+    (tmp_path / "not_a_list.json").write_text('{"images": []}')
+    with pytest.raises(DataError, match="not a Karpathy-style JSON list"):
+        build_index(tmp_path / "idx", "vlprompt-tiny", str(tmp_path / "not_a_list.json"), **TINY)
+
+
+def test_building_again_repairs_a_damaged_cache(small_world: Path, tmp_path: Path) -> None:
+    build_index(tmp_path / "idx", "vlprompt-tiny", str(_annotation(small_world)), shard_size=8, **TINY)
+    before = SearchIndex(tmp_path / "idx", encoder=False).vectors()
+    shard = tmp_path / "idx" / "cache" / "image" / "shard_00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(DataError, match=r"shard_00001.npy is missing or damaged.*same `vlprompt index build` again"):
+        SearchIndex(tmp_path / "idx", encoder=False)
+    build_index(tmp_path / "idx", "vlprompt-tiny", str(_annotation(small_world)), shard_size=8, **TINY)
+    np.testing.assert_allclose(SearchIndex(tmp_path / "idx", encoder=False).vectors(), before, atol=1e-6)

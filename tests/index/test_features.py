@@ -144,3 +144,18 @@ def test_image_text_caches_align_with_the_training_pairs(image_text_set: Path, t
     assert image_ids[0].startswith("images/")  # relative to the data root, so the data can move
     gallery = extract_split_features(data, "test", "text", tmp_path / "gal", backbone, "tiny/text")
     assert len(gallery) == 24  # 12 test images x 2 captions
+
+
+def test_shards_are_checked_against_meta_without_reading_them(tmp_path: Path) -> None:
+    cache = extract_features(_fake_features, ITEMS, IDS, tmp_path / "c", "fake", shard_size=10)
+    FeatureCache(cache.root).check_shards()
+    shard = tmp_path / "c" / shard_name(2)  # the last, shorter shard: 3 rows
+    np.save(shard, np.zeros((4, 6), dtype=np.float16))  # one row too many
+    with pytest.raises(DataError, match=r"shard_00002.npy holds float16 \[4, 6\], meta.json records float16 \[3, 6\]"):
+        FeatureCache(cache.root).verify()
+    shard.unlink()
+    with pytest.raises(DataError, match="shard_00002.npy is missing or damaged"):
+        FeatureCache(cache.root).check_shards()
+    with pytest.raises(DataError, match="missing or damaged"):
+        FeatureCache(cache.root).take([21])  # a lookup says the same, not FileNotFoundError
+    FeatureCache(cache.root).take([0, 19])  # the other shards are fine

@@ -136,3 +136,74 @@ def test_official_checkpoint_keys_round_trip(tiny, latent: str, tmp_path: Path) 
                                                                       tiny))  # fmt: skip
     with pytest.raises(ConfigError, match="not found"):
         load_reference_checkpoint(tmp_path / "missing.pth", target)
+
+
+def _official_file(tiny, tmp_path: Path, latent: str = "linear") -> tuple[Path, dict[str, torch.Tensor]]:
+    """An official-layout checkpoint of a random DGL (``module.clip.*`` keys, as the reference saves it)."""
+    from vlprompt.methods.dgl import to_reference_state_dict
+
+    source = _dgl(tiny, latent=latent)
+    path = tmp_path / "dgl_official.pth"
+    torch.save({"module." + k: v.clone() for k, v in to_reference_state_dict(source).items()}, path)
+    return path, source.trainable_state_dict()
+
+
+def test_every_dgl_recipe_follows_a_reference_checkpoint() -> None:
+    """The recipes leave both behaviour options on ``auto``: the paper's without a reference checkpoint, the
+    reference code's (the one its checkpoints and published numbers come from) with one."""
+    from vlprompt.config import load_config
+    from vlprompt.methods.build import method_options
+    from vlprompt.methods.dgl import effective_behaviour
+
+    recipes = sorted(CONFIGS.glob("dgl_*.yaml"))
+    assert len(recipes) == 7
+    for recipe in recipes:
+        for overrides, expected in (
+            ([], ("frame_mean", "before_eot")),
+            (["method.reference_checkpoint=dgl.pth"], ("global_prompt0", "inert")),
+        ):
+            _, options = method_options(dict(load_config(recipe, overrides).method))
+            got = (effective_behaviour(options, "video_embedding"), effective_behaviour(options, "postfix"))
+            assert got == expected, (recipe.name, overrides)
+
+
+def test_reference_checkpoint_selects_the_reference_behaviour(tiny, tmp_path: Path, caplog) -> None:
+    from vlprompt.config import load_config
+    from vlprompt.engine.trainer import build_model
+
+    path, weights = _official_file(tiny, tmp_path)
+    cfg = load_config(None, ["backbone.pretrained=null", "data.num_frames=3", "method.name=dgl",
+                             "method.latent=linear", f"method.reference_checkpoint={path}"])  # fmt: skip
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="vlprompt.methods"):
+        method = build_model(cfg, torch.device("cpu")).eval()
+    assert "video_embedding=global_prompt0, postfix=inert" in caplog.text
+    assert (method.video_embedding, method.postfix) == ("global_prompt0", "inert")
+    # the embeddings are those of the reference behaviour with the checkpoint's weights, not the paper's
+    explicit = build_method({"name": "dgl", "frames": 3, "latent": "linear", "video_embedding": "global_prompt0",
+                             "postfix": "inert"}, method.backbone).eval()  # fmt: skip
+    paper = build_method({"name": "dgl", "frames": 3, "latent": "linear"}, method.backbone).eval()
+    for other in (explicit, paper):
+        other.load_state_dict(weights, strict=False)
+    torch.manual_seed(2)
+    video, tokens = torch.randn(2, 3, 3, 64, 64), method.tokenize(["a red star moves left", "a blue circle grows"])
+    with torch.no_grad():
+        ours = method.encode_video(video), method.encode_text(tokens)
+        torch.testing.assert_close(ours[0], explicit.encode_video(video))
+        torch.testing.assert_close(ours[1], explicit.encode_text(tokens))
+        assert not torch.allclose(ours[0], paper.encode_video(video), atol=1e-3)
+        assert not torch.allclose(ours[1], paper.encode_text(tokens), atol=1e-3)
+    assert not method.plans().text.suffix  # inert: no postfix prompt before end-of-text
+
+
+def test_explicit_setting_is_kept_with_a_warning_under_a_reference_checkpoint(tiny, caplog) -> None:
+    with caplog.at_level("WARNING", logger="vlprompt.methods"):
+        method = _dgl(tiny, latent="linear", video_embedding="frame_mean", reference_checkpoint="dgl.pth")
+    assert (method.video_embedding, method.postfix) == ("frame_mean", "inert")  # postfix: auto -> reference
+    assert "postfix=inert" in caplog.text
+    assert "video_embedding=frame_mean set explicitly" in caplog.text and "method.video_embedding=auto" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlprompt.methods"):
+        plain = _dgl(tiny, latent="linear")
+    assert (plain.video_embedding, plain.postfix) == ("frame_mean", "before_eot") and not caplog.text
+    assert plain.plans().text.suffix  # before_eot: the postfix prompts reach the text embedding

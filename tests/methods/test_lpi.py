@@ -148,3 +148,21 @@ def test_paper_mode_interaction():
     assert method.parameter_counts()["trainable"] == prompts + sum(
         p.numel() for p in method.interactions[0].parameters()
     )
+
+
+def test_text_is_lpis_string_with_the_trailing_period():
+    """LPI's prompt learner encodes ``"X" * N + " " + caption + "."``, for training, evaluation and text keys."""
+    bb = _tiny()
+    method = build_method({"name": "lpi", "n_tokens": 4, "layers": 4, "text_keys_with_placeholders": True}, bb)
+    ids = method.tokenize(["a red square"])
+    sot, x, period, eot = 49406, 343, 269, 49407  # CLIP BPE ids of <start>, "x</w>", "."
+    assert ids[0, :10].tolist() == [sot, x, x, x, x, *bb.tokenize(["a red square"])[0, 1:4].tolist(), period, eot]
+    assert torch.equal(ids, bb.tokenize(["X X X X a red square."]))
+    # the routing keys read the same string through the frozen towers
+    keys = method.frozen_text_features(["a red square"])
+    torch.testing.assert_close(keys, F.normalize(bb.encode_text(bb.tokenize(["X X X X a red square."])), dim=-1))
+    # evaluation (oracle task 0) encodes the same ids under task 0's prompts
+    feats, _ = method.encode_texts_eval(["a red square"], torch.zeros(1, dtype=torch.long))
+    torch.testing.assert_close(feats, method.encode_text(bb.tokenize(["X X X X a red square."]), method.task_plans(0)))
+    plain = build_method({"name": "lpi", "n_tokens": 4, "layers": 4, "caption_suffix": ""}, bb)
+    assert torch.equal(plain.tokenize(["a red square"]), bb.tokenize(["X X X X a red square"]))

@@ -127,7 +127,7 @@ def test_bad_option_type_is_config_error(tiny_shared):
 
 
 def test_unknown_method_lists_names(tiny_shared):
-    with pytest.raises(KeyError) as info:
+    with pytest.raises(ConfigError, match="'cooop' is not a method") as info:
         build_method({"name": "cooop"}, tiny_shared)
     for name in ALL_METHODS:
         assert name in str(info.value)

@@ -46,3 +46,13 @@ def test_routed_evaluation_uses_each_samples_task_prompts():
     torch.testing.assert_close(oracle_feats[:1], method.encode_image(images[:1], method.task_plans(1)))
     text_feats, text_routed = method.encode_texts_eval(CAPTIONS[:2])
     assert text_routed.tolist() == [0, 1] and text_feats.shape == (2, bb.embed_dim)
+
+
+def test_sprompts_and_seqft_encode_lpis_string_with_the_trailing_period():
+    """Both baselines live in LPI's code base and share its prompt learner: ``"X" * N + " " + caption + "."``."""
+    bb = _tiny()
+    for name in ("sprompts", "seqft"):
+        method = build_method({"name": name, "num_tasks": 2, "n_tokens": 4}, bb)
+        assert torch.equal(method.tokenize(["a red square"]), bb.tokenize(["X X X X a red square."]))
+        plain = build_method({"name": name, "num_tasks": 2, "n_tokens": 4, "caption_suffix": ""}, bb)
+        assert torch.equal(plain.tokenize(["a red square"]), bb.tokenize(["X X X X a red square"]))

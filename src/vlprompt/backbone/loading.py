@@ -17,6 +17,7 @@ import torch
 
 from vlprompt.backbone.embedded import is_embedded_file, load_embedded_weights
 from vlprompt.errors import WeightsUnavailableError
+from vlprompt.safe_pickle import torch_refusal
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 #: Models pretrained by ``vlprompt pretrain`` on the embedded world (see docs/embedded_world.md).
@@ -105,7 +106,7 @@ def _missing_weights_message(name: str, tag: str | None, err: Exception) -> str:
             "this machine and pass backbone.name=local-dir:/path/to/that/folder."
         )
     if tag and Path(tag).exists():
-        return f"could not read checkpoint {tag} for {name}: {err}"
+        return torch_refusal(Path(tag), "checkpoint", err) or f"could not read checkpoint {tag} for {name}: {err}"
     cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
     if tag and not cfg:
         tags = [t for m, t in open_clip.list_pretrained() if m == name]

@@ -6,8 +6,9 @@
 annotation file (``--format``, default karpathy; ``--root``: the folder its paths are relative to, found
 automatically for Karpathy JSON), or a folder of images and videos. Without ``--data`` the model's config gives
 it. Building again with the same arguments resumes an interrupted extraction; another ``--kind`` reuses the
-embeddings. ``vlprompt index info INDEX_DIR`` describes an index; ``vlprompt index bench INDEX_DIR`` measures
-query latency and agreement with exact search, using the items' own captions as queries.
+embeddings. ``vlprompt index info INDEX_DIR`` describes an index and checks its caches (``--verify``: their
+checksums too); ``vlprompt index bench INDEX_DIR`` measures query latency and agreement with exact search, using
+the items' own captions as queries.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--quiet", action="store_true")
     b.add_argument("overrides", nargs="*", help="key=value overrides of the model's and data's configs")
     b.set_defaults(func=run_build)
-    i = actions.add_parser("info", help="describe an index folder")
+    i = actions.add_parser("info", help="describe an index folder and check its feature caches")
     i.add_argument("index", help="index folder")
+    i.add_argument("--verify", action="store_true", help="also compare every cache shard's sha256 (reads them all)")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=run_info)
     m = actions.add_parser("bench", help="query latency and agreement with exact search")
@@ -111,6 +113,10 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    """Print the manifest's summary, then check the caches: a damaged index is described, then reported."""
+    from pathlib import Path
+
+    from vlprompt.index.build import open_caches
     from vlprompt.index.search import read_manifest
 
     m = read_manifest(args.index)
@@ -128,6 +134,9 @@ def run_info(args: argparse.Namespace) -> int:
         "created": m["created"],
     }
     print_metrics(summary, args.json, title=str(args.index))
+    for cache in open_caches(Path(args.index), m).values():  # DataError (printed by main) if one is damaged
+        if args.verify:
+            cache.verify(deep=True)
     return 0
 
 

@@ -1,4 +1,8 @@
-"""``vlprompt params CONFIG [key=value ...]``: trainable and total parameter counts without training."""
+"""``vlprompt params CONFIG [key=value ...]``: trainable and total parameter counts without training.
+
+Class-incremental configs are counted as the runner builds them (task count, label space, heads; class names are
+read, images are not): ``trainable`` is what one task trains, plus each task's count and what the whole run trains.
+"""
 
 from __future__ import annotations
 
@@ -19,14 +23,26 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vlprompt.config import load_config
+    from vlprompt.engine.cil import class_incremental_counts, is_class_incremental
     from vlprompt.engine.trainer import build_model
 
     cfg = load_config(args.config, args.overrides)
     cfg.backbone.pretrained = None  # counting needs the architecture only, never the weights
-    counts = build_model(cfg, torch.device("cpu")).parameter_counts()
+    if is_class_incremental(cfg):
+        counts = class_incremental_counts(cfg)
+    else:
+        counts = build_model(cfg, torch.device("cpu")).parameter_counts()
     if args.json:
         print(json.dumps(counts))
-    else:
-        share = 100 * counts["trainable"] / max(counts["total"], 1)
+        return 0
+    share = 100 * counts["trainable"] / max(counts["total"], 1)
+    if "trainable_per_task" not in counts:
         print(f"trainable {counts['trainable']:,} of {counts['total']:,} ({share:.3f}%)")
+        return 0
+    per_task = sorted(set(counts["trainable_per_task"]))
+    each = f"{per_task[0]:,}" if len(per_task) == 1 else ", ".join(f"{n:,}" for n in counts["trainable_per_task"])
+    print(
+        f"trainable per task {each} ({counts['tasks']} tasks; task 1: {share:.3f}% of {counts['total']:,});"
+        f" over the whole run {counts['trainable_over_run']:,}"
+    )
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
+from vlprompt.errors import ConfigError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a search page for an index", description=__doc__)
@@ -33,6 +35,8 @@ def _is_loopback(host: str) -> bool:
 def run(args: argparse.Namespace) -> int:
     from vlprompt.index.service import serve
 
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be from 0 to 65535, got {args.port}")
     if not _is_loopback(args.host):
         print(f"warning: serving on {args.host}: other machines can query this index and see its media")
     print(f"serving {args.index} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from torch.utils.data import Dataset
 from vlprompt.data.classnames import CIFAR100_CLASSES, ClassNames, clean_name, load_class_names
 from vlprompt.data.media import BadSamples, drop_missing, image_files, load_or_skip
 from vlprompt.errors import ConfigError, DataError
+from vlprompt.safe_pickle import NUMPY_ARRAYS, load_pickle
 
 CIL_FORMATS: dict[str, str] = {
     "cifar100": "CIFAR-100 python pickles (cifar-100-python/{train,test,meta})",
@@ -192,13 +192,11 @@ class CILSets:
 
 # ==== readers ========================================================================================================
 def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err}") from err
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        raise DataError(f"{path} is not a CIFAR python pickle ({err})") from err
+    """A CIFAR python batch: a dict of bytes keys, lists and one uint8 array; nothing else may be built."""
+    d = load_pickle(path, NUMPY_ARRAYS, encoding="bytes", kind="CIFAR python pickle")
+    if not isinstance(d, dict):
+        raise DataError(f"{path} is not a CIFAR python pickle (a {type(d).__name__}, not a dict)")
+    return d
 
 
 def _key(d: dict, name: str) -> Any:
@@ -220,7 +218,10 @@ def read_cifar100(root: str | os.PathLike, split: str) -> tuple[np.ndarray, list
             f"CIFAR-100 {split} pickle not found at {path} (expected cifar-100-python/{{train,test,meta}})"
         )
     d = _unpickle(path)
-    data = np.asarray(_key(d, "data"), dtype=np.uint8)
+    try:
+        data = np.asarray(_key(d, "data"), dtype=np.uint8)
+    except (TypeError, ValueError, OverflowError) as err:  # e.g. an object array: the file is not CIFAR's
+        raise DataError(f"{path}: 'data' is not an array of uint8 pixels ({err})") from err
     labels = [int(y) for y in _key(d, "fine_labels")]
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise DataError(f"{path}: expected data [N, 3072] and N fine labels, got {data.shape} and {len(labels)}")
@@ -350,6 +351,28 @@ def read_cil_sets(data: Any, cil: Any) -> CILSets:
 def _under(root: Path, value: str) -> Path:
     path = Path(value).expanduser()
     return path if path.is_absolute() else root / path
+
+
+#: Classes of the fixed label spaces, known without reading the data.
+FORMAT_CLASSES = {"cifar100": 100, "imagenet-r": 200, "cub200": 200}
+
+
+def label_space_size(data: Any, cil: Any) -> int:
+    """The number of classes :func:`read_cil_sets` finds, from class names only (no images are read): the fixed
+    label spaces of CIFAR-100, ImageNet-R and CUB-200; for ``imagefolder`` ``cil.classes`` or ``data.train``'s
+    folders."""
+    if data.format in FORMAT_CLASSES:
+        return FORMAT_CLASSES[data.format]
+    if data.format != "imagefolder":
+        raise ConfigError(f"class-incremental data.format must be one of {', '.join(CIL_FORMATS)}: {data.format!r}")
+    if not data.root:
+        raise ConfigError("data.root is empty: give the dataset folder")
+    root = Path(data.root).expanduser()
+    if cil.classes:
+        return len(load_class_names(cil.classes, root))
+    if not data.train:
+        raise ConfigError("imagefolder class-incremental data needs data.train (class trees)")
+    return len(load_class_names("", _under(root, data.train)))
 
 
 def subsample_per_class(sources: Any, labels: list[int], limit: int) -> tuple[Any, list[int]]:

@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import os
-import pickle
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch.utils.data import Dataset
 from vlprompt.data.media import MISSING, UNREADABLE, BadSamples, log
 from vlprompt.data.video import MODES, VIDEO_EXTENSIONS, FrameCache, VideoBackendMissing, read_frames
 from vlprompt.errors import DataError
+from vlprompt.safe_pickle import load_pickle
 
 PathLike = str | os.PathLike
 FrameTransform = Callable[[torch.Tensor], Any]
@@ -324,22 +324,6 @@ def read_activitynet(
     return _build(ids, captions, lambda v: locate(v.removeprefix("v_"), v), ids_path)
 
 
-def _load_pickle_plain(path: Path) -> Any:
-    """Unpickle containers of builtin values only: a captions pickle has no reason to carry code."""
-
-    class Plain(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-
-    try:
-        with open(path, "rb") as f:
-            return Plain(f).load()
-    except FileNotFoundError as e:
-        raise DataError(f"annotation file not found: {path}") from e
-    except (OSError, pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DataError(f"{path}: cannot read pickle: {e}") from e
-
-
 def read_msvd(
     ann_dir: PathLike, video_root: PathLike, split: str = "train", list_name: str | None = None
 ) -> VideoTextSplit:
@@ -349,7 +333,7 @@ def read_msvd(
     name = _split_file(split, {s: f"{s}_list.txt" for s in ("train", "val", "test")}, list_name)
     ids = _read_list(ann_dir / name)
     ppath = ann_dir / "raw-captions.pkl"
-    raw = _load_pickle_plain(ppath)
+    raw = load_pickle(ppath, kind="caption pickle")  # builtin containers only: captions carry no code
     if not isinstance(raw, dict):
         raise DataError(f"{ppath}: expected a dict {{vid: [token lists]}}, got {type(raw).__name__}")
     captions: dict[str, list[str]] = {}

@@ -2,24 +2,44 @@
 
 Each checkpoint is a folder ``checkpoints/step_<N>``; the file ``checkpoints/latest`` names the newest
 complete one and is replaced atomically, so a kill at any moment leaves a usable checkpoint.
+
+Nothing here is a pickle, so reading a copied run directory cannot run code: the loop state (optimizer,
+scheduler, scaler, RNG states, counters) is split by :func:`flatten_state` into ``loop.json`` (structure and
+plain values, tensors by name) and ``loop.safetensors`` (the tensors). Run directories of older vlprompt
+versions hold a pickled ``state.pt`` / ``loop.pt``; they can still be evaluated (only safetensors are read), but
+resuming them is refused with a message.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vlprompt.engine.rundir import atomic_write_text
+from vlprompt.errors import ConfigError
+from vlprompt.safe_pickle import load_torch_tensors
 
 WEIGHTS = "trainable.safetensors"
-STATE = "state.pt"
+#: The loop state's structure and plain values; its presence marks a complete checkpoint folder.
+STATE = "loop.json"
+#: The loop state's tensors, named in :data:`STATE`.
+STATE_TENSORS = "loop.safetensors"
+#: Pickled loop states of older versions (trainer, continual runner): recognised, never unpickled.
+LEGACY_STATES = ("state.pt", "loop.pt")
+_FORMAT = "vlprompt-loop-state/1"
+# JSON objects keyed by one of these stand for a value JSON lacks; a dict with such a key is stored as items.
+_MARKERS = ("__tensor__", "__ndarray__", "__tuple__", "__items__")
 
 
 def rng_state() -> dict[str, Any]:
@@ -60,14 +80,9 @@ def load_trainable(path: Path, module: nn.Module) -> None:
 
 def load_reference_checkpoint(path: Path, method: nn.Module) -> None:
     """Start ``method`` from a checkpoint of the method's original code (e.g. an official DGL ``.pth``)."""
-    from vlprompt.errors import ConfigError
-
     if not path.is_file():
         raise ConfigError(f"reference checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt file or not a tensor dict
-        raise ConfigError(f"cannot read reference checkpoint {path}: {err}") from err
+    state = load_torch_tensors(path, "reference checkpoint")  # tensors and plain values only, never code
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     try:
         ours = method.import_reference(state)
@@ -79,6 +94,116 @@ def load_reference_checkpoint(path: Path, method: nn.Module) -> None:
     method.load_state_dict(ours, strict=False)
 
 
+def flatten_state(state: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split nested state (dicts, lists, tuples, tensors, numpy arrays, scalars) into JSON and named tensors.
+
+    Tuples, non-string dict keys (an optimizer's parameter ids) and numpy arrays survive the round trip through
+    :func:`unflatten_state` with their types, so ``random.setstate`` and ``optimizer.load_state_dict`` accept
+    the result. Tensors are copied to the CPU; any other type is a ``TypeError`` at save time, not a surprise at
+    resume time.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def encode(value: Any, where: str) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, np.generic) and not isinstance(value, np.object_):
+            return value.item()
+        if isinstance(value, torch.Tensor):
+            name = str(len(tensors))
+            tensors[name] = value.detach().to("cpu", copy=True).contiguous()
+            return {"__tensor__": name}
+        if isinstance(value, np.ndarray):
+            if value.dtype.hasobject:
+                raise TypeError(f"loop state {where}: object arrays cannot be stored")
+            name = str(len(tensors))  # raw bytes: every numpy dtype (uint32 RNG keys too) without a torch twin
+            tensors[name] = torch.from_numpy(np.frombuffer(np.ascontiguousarray(value).tobytes(), np.uint8).copy())
+            return {"__ndarray__": name, "dtype": value.dtype.str, "shape": list(value.shape)}
+        if isinstance(value, list):
+            return [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {"__tuple__": [encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and k not in _MARKERS for k in value):
+                return {k: encode(v, f"{where}.{k}") for k, v in value.items()}
+            return {"__items__": [[encode(k, where), encode(v, f"{where}[{k!r}]")] for k, v in value.items()]}
+        raise TypeError(f"loop state {where}: cannot store a {type(value).__name__}")
+
+    return encode(state, "state"), tensors
+
+
+def unflatten_state(tree: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    """Rebuild what :func:`flatten_state` split; a damaged tree is a ``ValueError`` saying where."""
+
+    def decode(value: Any) -> Any:
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if "__tensor__" in value:
+            return _named(value["__tensor__"])
+        if "__ndarray__" in value:
+            if not re.fullmatch(r"[<>|=]?[biuf]\d{1,2}", str(value["dtype"])):  # plain numbers only (RNG keys)
+                raise ValueError(f"array dtype {value['dtype']!r} is not a plain number type")
+            dtype = np.dtype(value["dtype"])
+            raw = _named(value["__ndarray__"]).numpy().tobytes()
+            return np.frombuffer(raw, dtype).reshape([int(n) for n in value["shape"]]).copy()
+        if "__tuple__" in value:
+            return tuple(decode(v) for v in value["__tuple__"])
+        if "__items__" in value:
+            return {_hashable(decode(k)): decode(v) for k, v in value["__items__"]}
+        return {k: decode(v) for k, v in value.items()}
+
+    def _named(name: Any) -> torch.Tensor:
+        if not isinstance(name, str) or name not in tensors:
+            raise ValueError(f"names tensor {name!r}, which the tensor file lacks")
+        return tensors[name]
+
+    def _hashable(key: Any) -> Any:
+        if isinstance(key, (list, dict)):
+            raise ValueError(f"a dict key cannot be a {type(key).__name__}")
+        return key
+
+    return decode(tree)
+
+
+def save_loop_state(folder: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` as :data:`STATE` (JSON) + :data:`STATE_TENSORS` (safetensors) into ``folder``."""
+    tree, tensors = flatten_state(state)
+    save_file(tensors, str(folder / STATE_TENSORS))
+    # Python's json writes inf/nan (a GradScaler may hold inf) as Infinity/NaN and reads them back exactly
+    (folder / STATE).write_text(json.dumps({"format": _FORMAT, "state": tree}))
+
+
+def has_loop_state(folder: Path) -> bool:
+    """Whether ``folder`` holds a loop state, current or from an older version (so a run is not overwritten)."""
+    return any((folder / name).exists() for name in (STATE, *LEGACY_STATES))
+
+
+def load_loop_state(folder: Path) -> dict[str, Any]:
+    """Read what :func:`save_loop_state` wrote; an older version's pickle is refused, never unpickled."""
+    path = folder / STATE
+    if not path.exists():
+        legacy = next((folder / n for n in LEGACY_STATES if (folder / n).exists()), None)
+        if legacy is not None:
+            raise ConfigError(
+                f"{legacy}: this run directory was written by an older vlprompt whose loop state is a pickle, which "
+                "vlprompt no longer reads (unpickling a copied file can run code). Its trained weights can still be "
+                "evaluated (`vlprompt eval RUN_DIR`); to train, start a new run (another run_name)"
+            )
+        raise ConfigError(f"{folder} is not a complete checkpoint: {STATE} is missing")
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or saved.get("format") != _FORMAT:
+            raise ValueError(f"not a {_FORMAT} file")
+        state = unflatten_state(saved["state"], load_file(str(folder / STATE_TENSORS)))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError) as err:
+        raise ConfigError(f"{path}: damaged loop state ({err}); resume from another checkpoint or start anew") from err
+    if not isinstance(state, dict):
+        raise ConfigError(f"{path}: damaged loop state (not a dict)")
+    return state
+
+
 def save_checkpoint(run_dir: Path, module: nn.Module, loop_state: dict[str, Any], keep: int = 1) -> Path:
     """Write a complete checkpoint, then point ``latest`` at it and prune older ones."""
     root = run_dir / "checkpoints"
@@ -87,7 +212,7 @@ def save_checkpoint(run_dir: Path, module: nn.Module, loop_state: dict[str, Any]
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_trainable(tmp / WEIGHTS, module)
-    torch.save({**loop_state, "rng": rng_state()}, tmp / STATE)
+    save_loop_state(tmp, {**loop_state, "rng": rng_state()})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     atomic_write_text(root / "latest", final.name + "\n")
@@ -98,15 +223,16 @@ def save_checkpoint(run_dir: Path, module: nn.Module, loop_state: dict[str, Any]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint folder, if any."""
+    """The newest complete checkpoint folder, if any (an older version's too: its weights are safetensors)."""
     pointer = run_dir / "checkpoints" / "latest"
     if not pointer.exists():
         return None
     path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / STATE).exists() else None
+    return path if has_loop_state(path) else None
 
 
 def load_checkpoint(path: Path, module: nn.Module) -> dict[str, Any]:
     """Load trainable tensors into ``module`` and return the loop state (RNG restored by the caller)."""
+    state = load_loop_state(path)  # first: an unreadable state must not leave the module half-loaded
     load_trainable(path / WEIGHTS, module)
-    return torch.load(path / STATE, weights_only=False)
+    return state

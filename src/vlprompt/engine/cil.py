@@ -33,6 +33,7 @@ from vlprompt.data.cil import (
     ClassSplit,
     LabeledImages,
     build_cil_datasets,
+    label_space_size,
     make_class_split,
     read_cil_sets,
     read_class_split,
@@ -272,6 +273,29 @@ class ClassIncrementalLearner:
     def load_state_dict(self, state: dict[str, Tensor], session: int) -> None:
         load_method_state(self.method, state)
         self.method.set_current_task(session)
+
+
+def class_incremental_counts(cfg: Config, device: torch.device | None = None) -> dict[str, Any]:
+    """What :func:`run_class_incremental` trains, without the data's images: the method built for the config's
+    split as the runner builds it (task count, label space, heads), then each task begun in turn.
+
+    ``trainable`` = what task 0 trains (the runner's ``params.trainable_per_task``), ``trainable_per_task`` = each
+    task's count, ``trainable_over_run`` = distinct parameters some task trains, ``total`` includes CLIP.
+    """
+    split = resolve_split(cfg, label_space_size(cfg.data, cfg.cil), run_dir_for(cfg))
+    split = split.truncated(cfg.cil.max_tasks) if cfg.cil.max_tasks else split
+    method: ClassIncrementalMethod = build_continual_model(cfg, split.num_tasks, device or torch.device("cpu"))  # type: ignore[assignment]
+    # the anchors' values only initialise text heads: zeros have the shapes the runner's class-text anchors have
+    method.setup(split.task_sizes, torch.zeros(split.num_classes, method.backbone.embed_dim))
+    per_task, trained = [], {}
+    for task in range(split.num_tasks):
+        method.begin_task(task)
+        learned = {id(p): p for p in method.learned_parameters()}
+        per_task.append(sum(p.numel() for p in learned.values()))
+        trained.update(learned)
+    over_run = sum(p.numel() for p in trained.values())
+    return {"trainable": per_task[0], "total": method.parameter_counts()["total"], "tasks": split.num_tasks,
+            "trainable_per_task": per_task, "trainable_over_run": over_run}  # fmt: skip
 
 
 def write_cil_report(path: Path, results: dict[str, Any], title: str) -> Path:

@@ -13,7 +13,9 @@ Two layers:
   ``vlprompt continual CONFIG``.
 
 Run directory: ``config.yaml``, ``env.json``, ``continual.json``, ``report.html`` and
-``checkpoints/task_XXX/{state.safetensors, loop.pt}`` with ``checkpoints/latest`` naming the newest complete one.
+``checkpoints/task_XXX/{state.safetensors, loop.json, loop.safetensors}`` (the learner's tensors; the session and RNG
+states, see :func:`vlprompt.engine.checkpoint.save_loop_state`) with ``checkpoints/latest`` naming the newest
+complete one.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from vlprompt.data.continual import (
     task_filter,
     task_relation,
 )
-from vlprompt.data.karpathy import GalleryImages, ImageTextPairs, load_gallery
-from vlprompt.engine.checkpoint import rng_state, set_rng_state
+from vlprompt.data.karpathy import GalleryImages, ImageTextPairs, load_gallery, read_annotations
+from vlprompt.engine.checkpoint import has_loop_state, load_loop_state, rng_state, save_loop_state, set_rng_state
 from vlprompt.engine.evaluate import autocast_context
 from vlprompt.engine.progress import TrainProgress
 from vlprompt.engine.report import heatmap, html_table, write_report
@@ -68,7 +70,6 @@ from vlprompt.methods.continual import ContinualMethod
 RESULTS = "continual.json"
 REPORT = "report.html"
 STATE = "state.safetensors"
-LOOP = "loop.pt"
 RETRIEVAL_KEYS = ("i2t/R@1", "i2t/R@5", "i2t/R@10", "t2i/R@1", "t2i/R@5", "t2i/R@10")
 
 
@@ -116,7 +117,7 @@ def task_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.exists():
         return None
     path = run_dir / "checkpoints" / pointer.read_text().strip()
-    return path if (path / LOOP).exists() and (path / STATE).exists() else None
+    return path if has_loop_state(path) and (path / STATE).exists() else None
 
 
 def _save_task_checkpoint(run_dir: Path, session: int, state: dict[str, Tensor]) -> Path:
@@ -125,7 +126,7 @@ def _save_task_checkpoint(run_dir: Path, session: int, state: dict[str, Tensor])
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / STATE))
-    torch.save({"session": session, "rng": rng_state()}, tmp / LOOP)
+    save_loop_state(tmp, {"session": session, "rng": rng_state()})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -211,7 +212,7 @@ def run_task_sequence(
             raise ConfigError(
                 f"{run_dir} already holds a run; pass resume=true to continue it or use another run_name"
             )
-        loop = torch.load(checkpoint / LOOP, weights_only=False)
+        loop = load_loop_state(checkpoint)  # JSON + safetensors; an older version's pickle is refused
         done = int(loop["session"])
         learner.load_state_dict(load_file(str(checkpoint / STATE)), done)
         set_rng_state(loop["rng"])
@@ -290,6 +291,7 @@ class RetrievalLearner:
         if cfg.continual.eval_gallery not in ("seen", "all"):
             raise ConfigError(f"continual.eval_gallery must be seen or all, got {cfg.continual.eval_gallery!r}")
         self.train_file, self.eval_file = _file(cfg.data, cfg.data.train), _file(cfg.data, getattr(cfg.data, split))
+        read_annotations(self.eval_file)  # first read after task 0 trains: a malformed file must fail before that
 
     # ---- training -------------------------------------------------------------------------------
     def train_task(self, task: int) -> dict[str, Any]:

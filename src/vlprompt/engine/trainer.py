@@ -157,8 +157,11 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     method = build_model(cfg, device)
     backbone = method.backbone
     spec = visual_spec(backbone)
+    # Every annotation file is parsed here, before the first step: a malformed test file must not surface only
+    # after training has finished.
     pairs = train_set(cfg.data, spec, seed=cfg.seed)
     val = eval_set(cfg.data, "val", spec)
+    test = eval_set(cfg.data, "test", spec)
     # Methods that look up per-sample training data (RVLR's teacher features) get the set once and then each
     # batch's indices: the item's own index in `pairs` (sample_index) and its image index (visual_index).
     bind = getattr(method, "bind_train_set", None)
@@ -269,7 +272,6 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
         return result
     if val is not None:
         result["val"] = validate(epoch)
-    test = eval_set(cfg.data, "test", spec)
     if test is not None:
         result["test"] = evaluate_retrieval(method, test, t.eval_batch_size, t.autocast)
     bad = pairs.bad_samples

@@ -20,10 +20,12 @@ Protocols (scores are cosine similarities of L2-normalised features throughout):
 * ``t2it`` (mixed): query ``first(i)``, gallery = captions then images, relevance ``[Rel[c, i] | Rel[first(i), j]]``.
   The mixed galleries contain the query itself (as in the reference code).
 
-``official=True`` reproduces two quirks of the reference code: self-exclusion sets the self score to 0 (so the
-query still occupies a rank when other scores are negative) instead of removing it, and the image part of
-``t2it`` uses ``Rel[first(j), i]`` (the transposed index). The reference also mixes cosines with ITM logits in
-the mixed lists; a dual encoder has no ITM head, so that quirk does not arise here.
+``official=True`` reproduces two quirks of the reference code (``metric.py``): self-exclusion sets the self score
+to 0 (so the query still occupies a rank when other scores are negative) instead of removing it, and the image
+part of ``t2it`` is transposed, scores and relevance alike: query ``first(i)`` sees image ``j`` with the score
+``s(first(j), i)`` and the relevance ``Rel[first(j), i]`` (the reference slices ``scores_t2i.T[:, ::5]`` and
+``Rel[::5].T``). The reference also mixes cosines with ITM logits in the mixed lists; a dual encoder has no ITM
+head, so that quirk does not arise here.
 """
 
 from __future__ import annotations
@@ -170,13 +172,16 @@ def mixed_ndcg(
     first_rel = rel[first]  # [N, N]: first caption of image a against the references of image b
     image_part = first_rel.T if official else first_rel  # the reference code transposes it in t2it
     rel_t = rel.T
+    firsts = txt[first]
 
     def i_scores(a: int, b: int) -> Tensor:
         return torch.cat([img[a:b] @ img.T, img[a:b] @ txt.T], dim=1)
 
     def t_scores(a: int, b: int) -> Tensor:
-        q = txt[first[a:b]]
-        return torch.cat([q @ txt.T, q @ img.T], dim=1)
+        q = firsts[a:b]
+        # official: the reference transposes the t2i scores too, so row i holds s(first(j), i) for image j
+        to_images = img[a:b] @ firsts.T if official else q @ img.T
+        return torch.cat([q @ txt.T, to_images], dim=1)
 
     i2it = _ndcg_chunked(i_scores, lambda a, b: torch.cat([first_rel[a:b], rel_t[a:b]], 1), n, n + c, ks, None, False)
     t2it = _ndcg_chunked(t_scores, lambda a, b: torch.cat([rel_t[a:b], image_part[a:b]], 1), n, n + c, ks, None, False)

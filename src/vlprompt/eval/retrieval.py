@@ -30,6 +30,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from vlprompt.eval.scores import similarity
+
 Ties = Literal["optimistic", "pessimistic"]
 # None (diagonal), one gallery index per query, or a list of gallery indices per query.
 GroundTruth = Any
@@ -208,7 +210,8 @@ def ranks_from_features(
     """Ranks from dot products ``query @ gallery.T``, computed ``chunk_size`` queries at a time.
 
     Features are used as given: L2-normalise them first for cosine similarity. The gallery is moved to the
-    query device; ``dtype`` (float32 or float64) is the precision of the products.
+    query device. Products are summed in float64 and compared in ``dtype``: float32 (the default) makes equal
+    features tie on every BLAS kernel (:mod:`vlprompt.eval.scores`); float64 keeps the finer differences.
     """
     _check_ties(ties)
     if dtype not in (torch.float32, torch.float64):
@@ -224,11 +227,11 @@ def ranks_from_features(
     if q.shape[0] == 0 or g.shape[0] == 0:
         raise ValueError(f"no features: {q.shape[0]} queries, {g.shape[0]} gallery items")
     ptr, idx = _gt_csr(gt, q.shape[0], g.shape[0])
-    g = g.to(device=q.device, dtype=dtype)
+    g = g.to(device=q.device)
     out = []
     with torch.no_grad():
         for start in range(0, q.shape[0], chunk_size):
-            sim = q[start : start + chunk_size].to(dtype) @ g.T
+            sim = similarity(q[start : start + chunk_size], g, dtype)
             out.append(_chunk_ranks(sim, start, ptr, idx, ties).cpu())
     return torch.cat(out).numpy().astype(np.int64)
 

@@ -1,8 +1,24 @@
 """ROUGE-L between captions and the graded caption-image relevance matrix RVLR's NDCG uses.
 
-Definitions (coco-caption's ``Rouge`` scorer, the one TERN's and RVLR's ``{dataset}-rougeL.npy`` files come from):
+Definitions (coco-caption's ``Rouge`` scorer; RVLR's ``{dataset}-rougeL.npy`` files are of TERN's shape and
+convention, see the spec):
 
-* Tokens: lower-cased words with punctuation removed (coco-caption's PTB tokenizer differs only on contractions).
+* Tokens (``tokenizer="ptb"``, the default): coco-caption's pipeline, i.e. Stanford's PTBTokenizer 3.4.1
+  (``-lowerCase``) followed by the removal of the tokens ``'' ' `` ` -LRB- -RRB- -LCB- -RCB- . ? ! , : - -- ... ;``.
+  Reproduced here in pure Python for what captions contain, checked against the Java tokenizer: hyphenated,
+  slash- and dot-joined words stay one token (``t-shirt``, ``m/s``, ``3.5``, ``1,000``, ``10:30``); clitics split
+  off (``does n't``, ``dog 's``, ``ca n't``; ``cannot`` -> ``can not``); acronyms and common abbreviations keep
+  their period (``u.s.``, ``mr.``); quotes, periods, dashes, ``, ; : ! ?`` go; runs such as ``!!`` or ``?!`` stay
+  tokens, as do other symbols (``$ % & # * + =``). Quirk kept: ``-lowerCase`` applies after the bracket escapes,
+  so ``(`` becomes ``-lrb-``, which the (upper-case) removal list misses: brackets stay as ``-lrb-``/``-rrb-``/
+  ``-lsb-``/``-rsb-``/``-lcb-``/``-rcb-``. Not reproduced (rare in captions): the lexer's full abbreviation list
+  and its rules for initials (``a.``) and ``no.1``, ``@home``, ``c++``, SGML tags, URLs and e-mail addresses with
+  unusual characters, clitics inside compounds (``man's-best-friend``), ``y'all`` and ``rock'n'roll``, time-unit
+  splits (``12:30pm``); a caption of punctuation only has no tokens (ROUGE-L 0) where coco-caption would score one
+  empty token.
+* ``tokenizer="whitespace"``: TERN's ``evaluate_utils/compute_relevance.py`` (the probable origin of RVLR's files)
+  calls the ``Rouge`` scorer on raw captions, which only lower-cases and splits on single spaces: punctuation stays
+  attached (``table.`` differs from ``table``) and repeated spaces give empty tokens.
 * One candidate ``c`` against a set of references ``R``: with ``LCS`` the longest common subsequence of tokens,
   ``P = max_r LCS(c, r) / |c|`` and ``Rc = max_r LCS(c, r) / |r|`` (each maximised over the references on its own),
   and ``ROUGE-L = (1 + b^2) P Rc / (Rc + b^2 P)`` with ``b = 1.2``; 0 when ``P`` or ``Rc`` is 0.
@@ -23,14 +39,69 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 BETA = 1.2
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+TOKENIZERS = ("ptb", "whitespace")
 # Caption pairs per vectorised block (rows x columns); bounds the [rows, cols, words] int16 buffers.
 _BLOCK = 384
 
+#: coco-caption's ``PUNCTUATIONS``: PTB tokens dropped after tokenisation (compared with the lower-cased tokens).
+PTB_REMOVED = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+                         "...", ";"])  # fmt: skip
+_A = r"[^\W_]"  # a letter or digit (any script)
+# Alternatives of the PTB scanner; at each position the longest match wins (the first on ties), as in a lexer.
+_PTB_RULES = [
+    re.compile(r"(?:https?|ftp)://[^\s\"'<>()\[\]{}]*[^\s\"'<>()\[\]{}.,;:!?]"),  # URL
+    re.compile(rf"{_A}[\w.+-]*@{_A}+(?:[.-]{_A}+)*"),  # e-mail address
+    re.compile(rf"(?:{_A}\.){{2,}}"),  # acronym: u.s., e.g., o.k.
+    re.compile(r"(?:mr|mrs|ms|dr|st|jr|sr|vs|etc|inc|co|ltd|ave|mt|prof)\.(?![^\W_])"),  # abbreviation
+    re.compile(rf"{_A}+(?:(?:[-/_.'’]|(?<=\d)[,:](?=\d)){_A}+)*"),  # word: t-shirt, m/s, 3.5, 1,000, 10:30
+    re.compile(r"'\d\ds"),  # '90s
+    re.compile(r"\.+|-+|[!?]+|``|''"),  # runs of periods, dashes, ! and ?; LaTeX-style quotes
+    re.compile(r"\S"),  # any other character is a token of its own
+]
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_QUOTES = frozenset("\"“”„‟`‘’'")
+_CLITIC = re.compile(r"(.+?)(n't|'s|'re|'ve|'ll|'d|'m)")
+_ASSIMILATIONS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"],
+                  "wanna": ["wan", "na"], "lemme": ["lem", "me"], "gimme": ["gim", "me"]}  # fmt: skip
 
-def tokenize(caption: str) -> list[str]:
-    """Lower-cased words without punctuation."""
-    return _WORD.findall(caption.lower())
+
+def _ptb_tokens(text: str) -> list[str]:
+    """PTBTokenizer-style tokens of lower-cased ``text`` (before coco-caption's removal list)."""
+    out: list[str] = []
+    pos, end = 0, len(text)
+    while pos < end:
+        if text[pos].isspace():
+            pos += 1
+            continue
+        token = max((m.group() for rule in _PTB_RULES if (m := rule.match(text, pos))), key=len)
+        pos += len(token)
+        if token in _BRACKETS:
+            out.append(_BRACKETS[token])
+        elif token[0] in ".-" and token.strip(token[0]) == "":
+            out.append(token[0])  # a run of periods or dashes: ".", ". .", "...", "-", "--": all removed
+        elif token in _QUOTES:
+            out.append("'")  # a lone quote: `` / '' / ` / ' in PTB, all on the removal list
+        elif token[0].isalnum() and "@" not in token and "://" not in token:
+            word = token.replace("’", "'")
+            if word in _ASSIMILATIONS:
+                out.extend(_ASSIMILATIONS[word])
+            elif clitic := _CLITIC.fullmatch(word):
+                out.extend(clitic.groups())
+            else:
+                out.append(word)
+        else:
+            out.append(token)
+    return out
+
+
+def tokenize(caption: str, tokenizer: str = "ptb") -> list[str]:
+    """The tokens ROUGE-L compares: coco-caption's PTB tokens without its punctuation list (``ptb``), or the
+    lower-cased caption split on single spaces (``whitespace``, TERN's relevance script); see the module docstring."""
+    if tokenizer == "whitespace":
+        return caption.lower().split(" ")
+    if tokenizer != "ptb":
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    return [t for t in _ptb_tokens(caption.lower()) if t not in PTB_REMOVED]
 
 
 def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -44,16 +115,16 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return prev[-1]
 
 
-def rouge_l(candidate: str, references: Sequence[str], beta: float = BETA) -> float:
+def rouge_l(candidate: str, references: Sequence[str], beta: float = BETA, tokenizer: str = "ptb") -> float:
     """Multi-reference ROUGE-L F-measure of ``candidate`` (coco-caption's definition, see the module docstring)."""
     if not references:
         raise ValueError("rouge_l needs at least one reference")
-    cand = tokenize(candidate)
+    cand = tokenize(candidate, tokenizer)
     if not cand:
         return 0.0
     precision = recall = 0.0
     for ref in references:
-        toks = tokenize(ref)
+        toks = tokenize(ref, tokenizer)
         if not toks:
             continue
         lcs = lcs_length(cand, toks)
@@ -94,11 +165,20 @@ def _lcs_block(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def lcs_matrix(
-    captions_a: Sequence[str], captions_b: Sequence[str], progress: Callable[[int, int], None] | None = None
+    captions_a: Sequence[str],
+    captions_b: Sequence[str],
+    progress: Callable[[int, int], None] | None = None,
+    tokenizer: str = "ptb",
 ) -> np.ndarray:
     """``[len(a), len(b)]`` token-level LCS lengths (int32), computed in length-sorted blocks."""
-    tok_a = [tokenize(c) for c in captions_a]
-    tok_b = [tokenize(c) for c in captions_b]
+    tokens_b = [tokenize(c, tokenizer) for c in captions_b]
+    return _token_lcs_matrix([tokenize(c, tokenizer) for c in captions_a], tokens_b, progress)
+
+
+def _token_lcs_matrix(
+    tok_a: list[list[str]], tok_b: list[list[str]], progress: Callable[[int, int], None] | None = None
+) -> np.ndarray:
+    """:func:`lcs_matrix` of already tokenized captions."""
     ids, len_a = _encode(tok_a + tok_b)
     ids_a, ids_b = ids[: len(tok_a)], ids[len(tok_a) :]
     len_b = len_a[len(tok_a) :]
@@ -123,14 +203,17 @@ def relevance_matrix(
     img2txt: Sequence[Sequence[int]],
     beta: float = BETA,
     progress: Callable[[int, int], None] | None = None,
+    tokenizer: str = "ptb",
 ) -> np.ndarray:
     """``Rel[c, j]`` = ROUGE-L of caption ``c`` against all captions of image ``j``; float32 ``[C, N]``.
 
-    ``img2txt[j]`` lists the caption indices of image ``j`` (the gallery's ground truth).
+    ``img2txt[j]`` lists the caption indices of image ``j`` (the gallery's ground truth); ``tokenizer`` as in
+    :func:`tokenize`.
     """
     if not img2txt or any(len(refs) == 0 for refs in img2txt):
         raise ValueError("every image needs at least one caption to serve as its references")
-    lengths = np.array([len(tokenize(c)) for c in captions], dtype=np.float64)
+    tokens = [tokenize(c, tokenizer) for c in captions]  # once: every row chunk reads all of them
+    lengths = np.array([len(t) for t in tokens], dtype=np.float64)
     rel = np.zeros((len(captions), len(img2txt)), dtype=np.float32)
     # columns grouped by image, so one reduceat takes each image's maximum over its references
     columns = np.concatenate([np.asarray(refs, dtype=np.int64) for refs in img2txt])
@@ -139,7 +222,7 @@ def relevance_matrix(
     chunk = 4 * _BLOCK
     starts = range(0, len(captions), chunk)
     for done, start in enumerate(starts):
-        lcs = lcs_matrix(captions[start : start + chunk], captions).astype(np.float64)
+        lcs = _token_lcs_matrix(tokens[start : start + chunk], tokens).astype(np.float64)
         cand_len = lengths[start : start + chunk, None]
         prec = np.divide(lcs, cand_len, out=np.zeros_like(lcs), where=cand_len > 0)
         rec = np.divide(lcs, lengths[None], out=np.zeros_like(lcs), where=lengths[None] > 0)

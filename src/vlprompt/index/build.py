@@ -286,5 +286,22 @@ def build_index(
 
 
 def open_caches(root: Path, manifest: dict[str, Any]) -> dict[str, FeatureCache]:
-    """The feature caches of an index folder, by part kind."""
-    return {kind: FeatureCache(root / info["cache"]) for kind, info in manifest["caches"].items()}
+    """The feature caches of an index folder, by part kind, each checked when opened: its rows and dtype are
+    those the manifest records and every shard is present with the right dtype and shape (cheap: headers only),
+    so a damaged cache is reported here rather than by the first query that reads it."""
+    caches = {}
+    for kind, info in manifest["caches"].items():
+        if not isinstance(info, dict) or not {"cache", "rows", "dtype"} <= set(info):
+            raise DataError(f"index folder {root}: the manifest's record of the {kind} cache is damaged")
+        cache = FeatureCache(root / info["cache"])
+        if len(cache) != info["rows"] or cache.meta["dtype"] != info["dtype"]:
+            raise DataError(
+                f"index folder {root}: the {kind} cache holds {len(cache)} {cache.meta['dtype']} rows, the manifest "
+                f"records {info['rows']} {info['dtype']} rows; build the index again"
+            )
+        try:
+            cache.check_shards()
+        except DataError as err:
+            raise DataError(f"{err}: for this index, the same `vlprompt index build` again") from err
+        caches[kind] = cache
+    return caches

@@ -40,6 +40,7 @@ FORMAT = "vlprompt-features"
 VERSION = 1
 META, IDS = "meta.json", "ids.json"
 DTYPES = ("float16", "float32")
+_REDO = "run the same extraction again (it recomputes only the damaged shards)"
 
 
 # ---- sample ids ---------------------------------------------------------------------------------
@@ -200,10 +201,40 @@ class FeatureCache:
                 "it was extracted for another dataset: extract it again for this one"
             ) from None
 
+    @property
+    def n_shards(self) -> int:
+        """How many shard files the cache has."""
+        return -(-len(self) // int(self.meta["shard_size"]))
+
     def _shard(self, k: int) -> np.ndarray:
+        """Shard ``k`` memory-mapped, once its file is found to hold what ``meta.json`` records (else DataError)."""
         if k not in self._shards:
-            self._shards[k] = np.load(self.root / shard_name(k), mmap_mode="r")
+            name = shard_name(k)
+            record = self.meta.get("shards", {}).get(str(k))
+            if record is None:
+                raise DataError(f"feature cache {self.root}: {META} records no {name}; {_REDO}")
+            try:
+                # a truncated file fails to map, an object array to load (no pickles are read: allow_pickle=False)
+                array = np.load(self.root / name, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError, EOFError) as err:
+                raise DataError(f"feature cache {self.root}: {name} is missing or damaged ({err}); {_REDO}") from err
+            expected = (int(record["rows"]), self.dim)
+            if array.dtype != np.dtype(self.meta["dtype"]) or array.shape != expected:
+                raise DataError(
+                    f"feature cache {self.root}: {name} holds {array.dtype} {list(array.shape)}, {META} records "
+                    f"{self.meta['dtype']} {list(expected)}; {_REDO}"
+                )
+            self._shards[k] = array
         return self._shards[k]
+
+    def check_shards(self) -> None:
+        """Raise DataError unless every shard is present with the dtype and shape ``meta.json`` records.
+
+        Cheap at any size: only the ``.npy`` headers are read and the files mapped (a file too short for its
+        header's shape cannot be mapped). :meth:`verify` with ``deep`` also compares every shard's sha256.
+        """
+        for k in range(self.n_shards):
+            self._shard(k)
 
     def take(self, rows: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
         """Features of rows ``rows`` as float32 ``[len(rows), dim]``."""
@@ -227,9 +258,11 @@ class FeatureCache:
         return self.take(np.arange(len(self)))
 
     def verify(self, ids: Sequence[str] | None = None, deep: bool = False) -> None:
-        """Raise DataError unless ``ids`` is the cache's index (same order) and, with ``deep``, every shard's hash."""
+        """Raise DataError unless ``ids`` is the cache's index (same order), every shard is intact in dtype and
+        shape (:meth:`check_shards`) and, with ``deep``, every shard's sha256 is the recorded one."""
         if ids is not None and (len(ids) != len(self) or index_checksum(ids) != self.checksum):
             raise DataError(f"feature cache {self.root} was computed for another dataset index (checksum differs)")
+        self.check_shards()
         if deep:
             for k, record in sorted(self.meta["shards"].items(), key=lambda kv: int(kv[0])):
                 if _sha256(self.root / shard_name(int(k))) != record["sha256"]:

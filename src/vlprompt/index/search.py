@@ -21,9 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vlprompt.errors import DataError
+from vlprompt.errors import ConfigError, DataError
+from vlprompt.eval.scores import order_by_score, similarity_np, top_k
 from vlprompt.index.build import FORMAT, MANIFEST, VERSION, import_faiss, open_caches
 from vlprompt.methods import Method
+
+# Candidates asked of FAISS beyond k: items that tie with the k-th best under exact scoring are then among the
+# candidates whichever of them FAISS's float32 kernel happened to rank higher.
+_TIE_MARGIN = 8
 
 
 @dataclass
@@ -41,6 +46,16 @@ class Hit:
         return {"rank": self.rank, "row": self.row, "score": self.score, **public}
 
 
+def _inside(real: str, root: str) -> bool:
+    """Whether the real path ``real`` is ``root`` or lies under it (both symlink-free)."""
+    return os.path.commonpath([real, root]) == root
+
+
+#: What every manifest that :func:`~vlprompt.index.build.build_from_parts` writes holds (read without .get()).
+_MANIFEST_KEYS = ("model", "data", "modality", "kinds", "index", "count", "dim", "media_root", "items", "caches",
+                  "skipped", "created")  # fmt: skip
+
+
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     """An index folder's manifest, or a DataError saying what is wrong with the folder."""
     root = Path(root)
@@ -55,8 +70,14 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"unreadable index manifest {path}: {err}") from err
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise DataError(f"{path} is not a {FORMAT} v{VERSION} manifest")
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    index, caches = manifest.get("index"), manifest.get("caches")
+    if not missing and not (isinstance(index, dict) and {"kind", "params", "file"} <= set(index)):
+        missing = ["index.kind/params/file"]
+    if missing or not isinstance(caches, dict):
+        raise DataError(f"{path} is damaged (missing or malformed: {', '.join(missing) or 'caches'})")
     return manifest
 
 
@@ -89,9 +110,16 @@ class SearchIndex:
         if len(self.items) != self.index.ntotal or self.index.ntotal != self.manifest["count"]:
             raise DataError(f"index folder {self.root} is inconsistent: items, index and manifest counts differ")
         self.caches = open_caches(self.root, self.manifest)
+        self._check_items()
         root_dir = media_root if media_root is not None else self.manifest.get("media_root")
-        self.media_root = os.path.abspath(root_dir) if root_dir else None
+        # the real path (symlinks resolved): media_path compares real paths on both sides
+        self.media_root = os.path.realpath(root_dir) if root_dir else None
         params = self.manifest["index"]["params"]
+        for name, value, kind in (("ef_search", ef_search, "hnsw"), ("nprobe", nprobe, "ivfpq")):
+            if value is not None and self.kind != kind:
+                raise ConfigError(f"{name} is a search parameter of {kind} indexes; this index is {self.kind}")
+            if value is not None and int(value) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
         self.ef_search = int(ef_search or params.get("ef_search") or 0)
         self.nprobe = int(nprobe or params.get("nprobe") or 0)
         if self.nprobe:
@@ -104,6 +132,21 @@ class SearchIndex:
 
             self.method = load_model(self.manifest["model"], device)
         self._plans = self.method.plans() if self.method is not None else None
+
+    def _check_items(self) -> None:
+        """Every item's embedding must be in a cache (else :meth:`vectors` would return garbage for it)."""
+        for row, item in enumerate(self.items):
+            if not isinstance(item, dict) or not all(isinstance(item.get(key), str) for key in ("id", "kind")):
+                raise DataError(
+                    f"index folder {self.root} is damaged: record {row} of {self.manifest['items']} is not an item"
+                )
+            cache = self.caches.get(item.get("part"))
+            r = item.get("cache_row")
+            if cache is None or type(r) is not int or not 0 <= r < len(cache):
+                raise DataError(
+                    f"index folder {self.root} is inconsistent: item {row} names no row of its feature caches "
+                    f"(part {item.get('part')!r}, cache_row {r!r}); build the index again"
+                )
 
     # ---- facts -----------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -124,11 +167,17 @@ class SearchIndex:
         if self.method is None:
             return None
         encode = getattr(self.method.backbone.tokenizer, "encode", None)
-        return None if encode is None else len(encode(text)) + 2 + self.method.n_placeholders
+        if encode is None:
+            return None
+        return len(encode(text + self.method.caption_suffix)) + 2 + self.method.n_placeholders
 
     def media_path(self, row: int) -> Path | None:
         """The media file of item ``row`` (for text items: the image or video they describe), only if it lies
-        inside the media root: absolute paths and ``..`` in an items file are refused."""
+        inside the media root: absolute paths and ``..`` in an items file are refused, and so is a symlink (the
+        file itself, a folder on its way, or a frame inside a video's frame folder) that leads out of the root.
+
+        The path returned is the real one (symlinks resolved), so what is opened is what was checked.
+        """
         if not 0 <= row < len(self.items) or self.media_root is None:
             return None
         rel = self.items[row].get("path")
@@ -137,9 +186,17 @@ class SearchIndex:
         pure = PurePosixPath(rel)
         if pure.is_absolute() or ".." in pure.parts or "\\" in rel or "\x00" in rel:
             return None
-        full = os.path.normpath(os.path.join(self.media_root, *pure.parts))
-        if os.path.commonpath([full, self.media_root]) != self.media_root:
+        root = self.media_root
+        full = os.path.realpath(os.path.join(root, *pure.parts))
+        if not _inside(full, root):
             return None
+        if os.path.isdir(full):  # a video stored as a folder of frames: each frame must stay inside too
+            try:
+                names = os.listdir(full)
+            except OSError:
+                return None
+            if not all(_inside(os.path.realpath(os.path.join(full, n)), root) for n in names):
+                return None
         return Path(full)
 
     # ---- vectors ---------------------------------------------------------------------------------
@@ -184,32 +241,27 @@ class SearchIndex:
 
     # ---- search ----------------------------------------------------------------------------------
     def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k ``(scores, rows)``, each ``[n, min(k, len)]``, best first, ties by row."""
+        """Top-k ``(scores, rows)``, each ``[n, min(k, len)]``, best first, ties by row.
+
+        FAISS proposes candidates; they are re-scored exactly (:mod:`vlprompt.eval.scores`) and ordered by the one tie
+        rule, so the answer does not depend on how FAISS's float32 kernel rounded equal scores.
+        """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = max(1, min(int(k), len(self.items)))
         want = k
         if self.kind == "ivfpq":
-            want = min(len(self.items), k * int(self.manifest["index"]["params"].get("rerank") or 1))
+            want = k * int(self.manifest["index"]["params"].get("rerank") or 1)
+        want = min(len(self.items), want + _TIE_MARGIN)
         if self.kind == "hnsw":
             self.index.hnsw.efSearch = max(self.ef_search, want)
-        scores, rows = self.index.search(queries, want)
-        if self.kind == "ivfpq":
-            scores = self._exact_scores(queries, rows)
-        out_scores = np.empty((len(queries), k), dtype=np.float32)
-        out_rows = np.empty((len(queries), k), dtype=np.int64)
-        for q in range(len(queries)):
-            valid = rows[q] >= 0  # faiss pads with -1 when fewer candidates were reached
-            s, r = scores[q][valid], rows[q][valid]
-            order = np.lexsort((r, -s))[:k]
-            n = len(order)
-            out_scores[q, :n], out_rows[q, :n] = s[order], r[order]
-            out_scores[q, n:], out_rows[q, n:] = -np.inf, -1
-        return out_scores, out_rows
+        _, rows = self.index.search(queries, want)
+        scores = np.where(rows >= 0, self._exact_scores(queries, rows), -np.inf)  # faiss pads with -1
+        order = order_by_score(scores, rows)[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
     def _exact_scores(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        flat = rows.reshape(-1)
-        vecs = self.vectors(np.where(flat >= 0, flat, 0)).reshape(*rows.shape, -1)
-        return np.einsum("qd,qkd->qk", queries, vecs).astype(np.float32)
+        vecs = self.vectors(np.where(rows >= 0, rows, 0).reshape(-1)).reshape(*rows.shape, -1)
+        return np.stack([similarity_np(q, v)[0] for q, v in zip(queries, vecs)])
 
     def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[Hit]:
         """Hits of one query's ``(scores, rows)``."""
@@ -239,22 +291,20 @@ class SearchIndex:
 
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
     """Brute-force top-k rows ``[n, k]`` by inner product (ties by row): the reference for approximate search."""
-    sims = np.atleast_2d(queries).astype(np.float32) @ vectors.astype(np.float32).T
-    order = np.lexsort((np.broadcast_to(np.arange(sims.shape[1]), sims.shape), -sims), axis=1)
-    return order[:, :k]
+    return top_k(queries, vectors, k)
 
 
-def recall_with_ties(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+def recall_with_ties(vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Per query, the fraction of returned ``rows`` ``[n, k]`` that belong in the exact top k.
 
-    A row belongs when its exact score reaches the k-th best exact score (less ``tol``), so that which of several
-    equal-scoring items fills the last places (duplicate captions) does not count as a miss.
+    A row belongs when its exact score reaches the k-th best exact score, so that which of several equal-scoring
+    items fills the last places (duplicate captions) does not count as a miss.
     """
-    sims = np.atleast_2d(queries).astype(np.float32) @ vectors.astype(np.float32).T
+    sims = similarity_np(queries, vectors)
     k = rows.shape[1]
     kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
     got = np.take_along_axis(sims, np.where(rows >= 0, rows, 0), axis=1)
-    return ((got >= kth[:, None] - tol) & (rows >= 0)).mean(axis=1)
+    return ((got >= kth[:, None]) & (rows >= 0)).mean(axis=1)
 
 
 def index_queries(index: SearchIndex, limit: int = 1000) -> list[str]:

@@ -3,16 +3,26 @@
 Routes: ``/`` (the page; ``?q=TEXT&k=10`` or ``?like=ROW``), ``/api/search`` (the same as JSON), ``/thumb/ROW``
 (a JPEG thumbnail of item ROW; a strip of frames for a video), ``/healthz``. The page is rendered on the server
 and needs no JavaScript. Media are served only as thumbnails of index items, addressed by row number, and only
-from inside the index's media root (:meth:`~vlprompt.index.search.SearchIndex.media_path`), so no request can
-name a file. An empty or over-long query gets a clear message (HTTP 400), never a server error.
+from inside the index's media root (:meth:`~vlprompt.index.search.SearchIndex.media_path`, real paths), so no
+request can name a file.
+
+Bad input gets a status and a message, never a server error: an empty or over-long query, a number of results
+or a row that is not ASCII digits in range (400); an address longer than ``MAX_QUERY_BYTES`` (414) or a request
+body (413), refused before any work; a request head over ``MAX_HEAD_BYTES`` or one that is not HTTP, refused by
+the server's protocol (:func:`http_protocol`: 414, 431 or 400, then a lingering close so the client reads the
+answer instead of a connection reset); an index whose cache was damaged after it was opened (503). A page never
+echoes more than ``MAX_QUERY_CHARS`` characters of a query.
 """
 
 from __future__ import annotations
 
+import asyncio
 import html
 import io
+import logging
 import threading
 from collections import OrderedDict
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -24,6 +34,16 @@ from vlprompt.index.search import Hit, SearchIndex
 
 MAX_QUERY_CHARS = 1000
 MAX_K = 100
+#: Longest query string (percent-encoded) the app reads: 1000 characters of 4-byte UTF-8 take 12,000 bytes.
+MAX_QUERY_BYTES = 16 * 1024
+#: Longest request head (request line and headers) the server's protocol parses; browsers send about 1 KiB.
+MAX_HEAD_BYTES = 64 * 1024
+#: Largest request body accepted; every route is a GET and reads none.
+MAX_BODY_BYTES = 1024
+#: After a refused or final answer, what the client still sends is read and dropped for at most this long and
+#: this much before the socket closes (closing on unread data resets the connection and loses the answer).
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 16 * 1024 * 1024
 K_CHOICES = (5, 10, 20, 50)
 THUMB_SIZE = 160  # longest side of an image thumbnail, px
 STRIP_HEIGHT = 72  # height of a video's frame strip, px
@@ -34,6 +54,8 @@ SECURITY_HEADERS = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+TOO_LONG = f"The address is too long. A query may have at most {MAX_QUERY_CHARS} characters."
+log = logging.getLogger("vlprompt.serve")
 
 
 def import_fastapi() -> Any:
@@ -50,36 +72,49 @@ class QueryError(Exception):
     """A query the service refuses, with the message shown to the person."""
 
 
+def ascii_int(text: str | None, max_digits: int = 9) -> int | None:
+    """``text`` as a whole number written in ASCII digits 0-9 only (at most ``max_digits``), else None.
+
+    ``int()`` and ``str.isdigit()`` also take other scripts' digits ("٣"), superscripts ("²"), signs, spaces and
+    underscores; an address takes none of these.
+    """
+    if text is None or not 0 < len(text) <= max_digits or not (text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
 def parse_k(k: str | None) -> int:
-    """The number of results asked for, 1..MAX_K."""
-    try:
-        value = int(k) if k not in (None, "") else 10
-    except ValueError:
-        raise QueryError(f"The number of results must be a whole number from 1 to {MAX_K}.") from None
-    if not 1 <= value <= MAX_K:
+    """The number of results asked for, 1..MAX_K (10 when not given)."""
+    if k in (None, ""):
+        return 10
+    value = ascii_int(k)
+    if value is None or not 1 <= value <= MAX_K:
         raise QueryError(f"The number of results must be a whole number from 1 to {MAX_K}.")
     return value
+
+
+def parse_row(like: str, index: SearchIndex) -> int:
+    """The item number of a ``like=ROW`` query."""
+    row = ascii_int(like)
+    if row is None or row >= len(index):
+        raise QueryError(f"'like' must be the number of an item in this index, from 0 to {len(index) - 1}.")
+    return row
 
 
 def run_query(index: SearchIndex, q: str | None, k: str | None, like: str | None) -> tuple[list[Hit], str]:
     """Hits for a text query or a ``like=ROW`` query, and a note for the person (may be empty)."""
     n = parse_k(k)
     if like not in (None, ""):
-        try:
-            row = int(like)
-        except ValueError:
-            raise QueryError("'like' must be the number of an item in this index.") from None
-        if not 0 <= row < len(index):
-            raise QueryError(f"There is no item {row} in this index (it has {len(index)} items).")
-        return index.search_like(row, n), ""
-    text = (q or "").strip()
-    if not text:
-        raise QueryError("The query is empty: type a few words describing what you are looking for.")
-    if len(text) > MAX_QUERY_CHARS:
+        return index.search_like(parse_row(like, index), n), ""
+    q = q or ""
+    if len(q) > MAX_QUERY_CHARS:  # before stripping: what is echoed back must be within the limit too
         raise QueryError(
-            f"The query is too long ({len(text)} characters). Please keep it under {MAX_QUERY_CHARS} characters; "
+            f"The query is too long ({len(q)} characters). Please keep it under {MAX_QUERY_CHARS} characters; "
             f"the model reads only its first {index.max_query_tokens} tokens anyway."
         )
+    text = q.strip()
+    if not text:
+        raise QueryError("The query is empty: type a few words describing what you are looking for.")
     tokens = index.query_tokens(text)
     note = ""
     if tokens is not None and tokens > index.max_query_tokens:
@@ -182,7 +217,8 @@ def _card(hit: Hit, k: int) -> str:
 def render_page(
     index: SearchIndex, q: str, k: int, hits: list[Hit], message: str = "", kind: str = "info", like: int | None = None
 ) -> str:
-    """The whole HTML page."""
+    """The whole HTML page; at most ``MAX_QUERY_CHARS`` characters of ``q`` are shown."""
+    q = q[:MAX_QUERY_CHARS]
     m = index.manifest
     about = (
         f"{len(index)} {'/'.join(m.get('kinds', []))} items · {m['index']['kind']} index · "
@@ -210,18 +246,44 @@ def render_page(
 
 
 # ---- the app ------------------------------------------------------------------------------------------
+def _too_large(scope: dict[str, Any]) -> tuple[int, str] | None:
+    """Status and message for a request over the size limits (checked before any work), else None."""
+    if len(scope.get("query_string", b"")) > MAX_QUERY_BYTES:
+        return 414, TOO_LONG
+    headers = dict(scope.get("headers", []))
+    length = headers.get(b"content-length", b"0").strip()
+    # bytes.isdigit() is ASCII-only; the length bound keeps int() away from a thousand-digit header
+    declared = int(length) if length.isdigit() and len(length) <= 9 else None
+    if b"transfer-encoding" in headers or declared is None or declared > MAX_BODY_BYTES:
+        return 413, f"This service reads no request body (over {MAX_BODY_BYTES} bytes): a query goes in the address."
+    return None
+
+
 def create_app(index: SearchIndex) -> Any:
     """The FastAPI app serving ``index``."""
     fastapi = import_fastapi()
-    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
     app = fastapi.FastAPI(title="vlprompt search", docs_url=None, redoc_url=None, openapi_url=None)
     lock = threading.Lock()  # one query at a time through the encoder
     thumbs = ThumbnailCache(index)
 
+    def refusal(path: str, status: int, message: str, **kwargs: Any) -> Response:
+        """``message`` in the form the route speaks: JSON for the API, the page for ``/``, else plain text."""
+        if path.startswith("/api/"):
+            return JSONResponse({"error": message}, status_code=status, **kwargs)
+        if path == "/":
+            return HTMLResponse(render_page(index, "", 10, [], message, "error"), status_code=status, **kwargs)
+        return PlainTextResponse(message, status_code=status, **kwargs)
+
     @app.middleware("http")
-    async def security_headers(request: Any, call_next: Any) -> Any:
-        response = await call_next(request)
+    async def limits_and_headers(request: Any, call_next: Any) -> Any:
+        too_large = _too_large(request.scope)
+        if too_large is not None:
+            # the connection closes after this answer: an unread body is not drained on a keep-alive connection
+            response = refusal(request.url.path, *too_large, headers={"Connection": "close"})
+        else:
+            response = await call_next(request)
         response.headers.update(SECURITY_HEADERS)
         return response
 
@@ -231,6 +293,11 @@ def create_app(index: SearchIndex) -> Any:
                 hits, note = run_query(index, q, k, like)
         except QueryError as err:
             return 400, [], str(err), "error"
+        except DataError as err:
+            # the index was damaged after it was opened (its checks passed then): the operator's problem, named
+            # in the server log; the person is told the service cannot answer rather than shown a path
+            log.error("cannot answer a query: %s", err)
+            return 503, [], "The index cannot be read right now (it is damaged); the server log says why.", "error"
         return 200, hits, note, "note" if note else "info"
 
     @app.get("/", response_class=HTMLResponse)
@@ -243,7 +310,7 @@ def create_app(index: SearchIndex) -> Any:
             hint = f'Type a description (for example "a red star") and press Search to search {len(index)} items.'
             return HTMLResponse(render_page(index, "", n, [], hint))
         status, hits, message, kind = answer(q, k, like)
-        like_row = int(like) if like not in (None, "") and status == 200 else None
+        like_row = ascii_int(like) if status == 200 else None
         return HTMLResponse(render_page(index, q or "", n, hits, message, kind, like_row), status_code=status)
 
     @app.get("/api/search")
@@ -252,11 +319,13 @@ def create_app(index: SearchIndex) -> Any:
         if status != 200:
             return JSONResponse({"error": message}, status_code=status)
         results = [{**h.as_dict(), "thumbnail": f"/thumb/{h.row}"} for h in hits]
-        return JSONResponse({"query": q, "like": like, "note": message, "results": results})
+        row = ascii_int(like)  # a like=ROW query ignores q, so q was not checked: it is not echoed either
+        return JSONResponse({"query": q if row is None else None, "like": row, "note": message, "results": results})
 
     @app.get("/thumb/{row}")
     def thumb(row: str) -> Response:
-        data = thumbs.get(int(row)) if row.isdigit() else None
+        n = ascii_int(row)
+        data = thumbs.get(n) if n is not None else None
         if data is None:
             return Response("no thumbnail for this item", status_code=404, media_type="text/plain")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -272,6 +341,122 @@ def create_app(index: SearchIndex) -> Any:
     return app
 
 
+# ---- the server ---------------------------------------------------------------------------------------
+def _refusal_text(buffered: bytes) -> tuple[int, str]:
+    """Status and message for a request the HTTP parser refused, from the bytes it could not parse."""
+    if len(buffered) <= MAX_HEAD_BYTES:
+        return 400, "This is not a valid HTTP request."
+    if b"\n" not in buffered.lstrip(b"\r\n")[:MAX_HEAD_BYTES]:  # the request line itself is over the limit
+        return 414, TOO_LONG
+    return 431, f"The request headers are too large (the request head may take at most {MAX_HEAD_BYTES} bytes)."
+
+
+class _LingeringTransport:
+    """A transport whose ``close()`` lingers: it sends the end of the stream, then reads and drops what the
+    client still sends until the client closes or ``LINGER_SECONDS``/``LINGER_BYTES`` run out. Closing a
+    socket with unread data makes the kernel send a reset, which destroys the answer before the client reads
+    it; that is how a 1 MB query ended. Everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop = transport, loop
+        self.lingering = False
+        self._dropped = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if self.is_closing():
+            return
+        self.lingering = True
+        if self._transport.can_write_eof():
+            self._transport.write_eof()  # after the pending answer
+        self._transport.resume_reading()  # flow control may have paused reading
+        self._timer = self._loop.call_later(LINGER_SECONDS, self._transport.close)
+
+    def drop(self, data: bytes) -> None:
+        """Data received while lingering: dropped, up to ``LINGER_BYTES``."""
+        self._dropped += len(data)
+        if self._dropped > LINGER_BYTES:
+            self._transport.close()
+
+    def close_now(self) -> None:
+        """Close without lingering (the server is stopping)."""
+        self._transport.close()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+_PROTOCOL: type | None = None
+
+
+def http_protocol() -> type:
+    """uvicorn's h11 protocol with :class:`_LingeringTransport` closes, and a refused request head (over
+    ``MAX_HEAD_BYTES``, or not HTTP) answered with a status and message saying why instead of a bare 400."""
+    global _PROTOCOL
+    if _PROTOCOL is not None:
+        return _PROTOCOL
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedH11Protocol(H11Protocol):  # type: ignore[misc]
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(_LingeringTransport(transport, self.loop))
+
+        def data_received(self, data: bytes) -> None:
+            if self.transport.lingering:
+                self.transport.drop(data)
+            else:
+                super().data_received(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.transport.cancel()
+            super().connection_lost(exc)
+
+        def shutdown(self) -> None:
+            if self.transport.lingering:  # the server is stopping: it need not wait for this client
+                self.transport.close_now()
+            else:
+                super().shutdown()
+
+        def send_400_response(self, msg: str) -> None:
+            status, text = _refusal_text(self.conn.trailing_data[0])
+            self.logger.warning("refused a request: %s", text)
+            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
+                       (b"x-content-type-options", b"nosniff")]  # fmt: skip
+            start = h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode())
+            for event in (start, h11.Data(data=text.encode()), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    _PROTOCOL = BoundedH11Protocol
+    return _PROTOCOL
+
+
+def import_uvicorn() -> Any:
+    """Import uvicorn, or say which extra installs it."""
+    try:
+        import uvicorn
+    except ImportError as err:
+        raise ConfigError("the search service needs fastapi and uvicorn: pip install 'vlprompt[serve]'") from err
+    return uvicorn
+
+
+def server_config(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Any:
+    """The uvicorn config that serves ``app``: the bounded protocol (:func:`http_protocol`) and head limit, and
+    no WebSocket upgrades (the app has no such route)."""
+    return import_uvicorn().Config(
+        app, host=host, port=port, log_level=log_level, http=http_protocol(),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES, ws="none",
+    )  # fmt: skip
+
+
 def serve(
     index_dir: str | Path,
     host: str = "127.0.0.1",
@@ -280,11 +465,8 @@ def serve(
     media_root: str | None = None,
     log_level: str = "info",
 ) -> None:
-    """Load ``index_dir`` and serve it with uvicorn until interrupted."""
+    """Load ``index_dir`` (its caches checked: a damaged one is refused here) and serve it until interrupted."""
     import_fastapi()
-    try:
-        import uvicorn
-    except ImportError as err:
-        raise ConfigError("the search service needs fastapi and uvicorn: pip install 'vlprompt[serve]'") from err
-    app = create_app(SearchIndex(index_dir, device, media_root=media_root))
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn = import_uvicorn()
+    config = server_config(create_app(SearchIndex(index_dir, device, media_root=media_root)), host, port, log_level)
+    uvicorn.Server(config).run()

@@ -146,9 +146,14 @@ def _karpathy_root(ann: Path) -> Path:
     """The first ancestor of ``ann``'s folder under which its first image exists (paths are relative to it)."""
     try:
         records = json.loads(ann.read_text())
-        first = records[0]["image"]
-    except (OSError, ValueError, LookupError, TypeError) as err:
+    except (OSError, ValueError) as err:
         raise DataError(f"{ann}: not a Karpathy-style JSON list with 'image' entries ({err})") from err
+    if isinstance(records, list) and not records:
+        raise DataError(f"{ann} holds no records (an empty list): nothing to index")
+    try:
+        first = records[0]["image"]
+    except (LookupError, TypeError) as err:
+        raise DataError(f"{ann}: not a Karpathy-style JSON list with 'image' entries ({err!r})") from err
     for parent in [ann.parent, *ann.parent.parents]:
         if (parent / first).is_file():
             return parent

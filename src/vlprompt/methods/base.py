@@ -58,6 +58,7 @@ class Method(nn.Module):
         self.backbone = backbone.freeze()
         self.options = options if options is not None else self.Options()
         self.n_placeholders = 0
+        self.caption_suffix = ""  # appended to every text (LPI's code, its S-Prompts included, adds ".")
         self.max_words = 0  # 0 = the model's context length; set from data.max_words (DGL uses 32)
         self.loss_fn = ClipLoss()
 
@@ -68,10 +69,12 @@ class Method(nn.Module):
 
     # ---- encoding ----------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> Tensor:
-        """Token ids, with placeholder words in front when the method learns text context."""
+        """Token ids, with placeholder words in front when the method learns text context (and its suffix)."""
         if self.n_placeholders:
             prefix = " ".join([self.placeholder] * self.n_placeholders) + " "
             texts = [prefix + t for t in texts]
+        if self.caption_suffix:
+            texts = [t + self.caption_suffix for t in texts]
         return self.backbone.tokenize(list(texts), self.max_words or None)
 
     def encode_image(self, images: Tensor, plans: Plans | None = None) -> Tensor:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.config import nonneg
 from vlprompt.methods.base import Method, register_method
 
 #: What ``end_task`` receives: a function returning batches ``(images, labels, queries)`` of the task's training
@@ -43,10 +44,10 @@ TaskBatches = Callable[[], Iterable[tuple[Tensor, Tensor, Tensor]]]
 
 @dataclass
 class CILOptions:
-    num_tasks: int = 0  # set by the runner
+    num_tasks: int = nonneg(0)  # set by the runner
     head: str = "cosine"  # cosine: s cos(z, w_c), w_c learned | linear: W z + b | text: fixed anchors (zero-shot)
     head_init: str = "default"  # learned heads: default (nn.Linear init) | text (the class-text anchors) [INF]
-    head_scale: float = 0.0  # s of the cosine/text heads; 0 = CLIP's logit scale
+    head_scale: float = nonneg(0.0)  # s of the cosine/text heads; 0 = CLIP's logit scale
     train_mask: str = "task"  # training logits: task (the current task's classes) | seen (all seen classes)
     query: str = "cls"  # frozen query: cls (pre-projection CLS after ln_post, as the ViT references) | embedding
 

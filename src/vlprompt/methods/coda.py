@@ -11,13 +11,14 @@ default ``ortho_weight = 1e-7`` is that product.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
+from vlprompt.config import count, nonneg, ranged
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import CILOptions, ClassIncrementalMethod
 from vlprompt.prompts.coda import CodaPromptPool
@@ -26,10 +27,10 @@ from vlprompt.prompts.dualprompt import prefix_plan
 
 @dataclass
 class CodaOptions(CILOptions):
-    pool_size: int = 100  # components per layer (CODA: 100 for 10 tasks, 10 per task)
-    length: int = 4  # prefix tokens per key/value of a component (CODA: e_p_length 8 = 4 + 4)
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
-    ortho_weight: float = 1e-7  # CODA's ortho_mu 0.1 x its internal 1e-6
+    pool_size: int = count(100)  # components per layer (CODA: 100 for 10 tasks, 10 per task)
+    length: int = count(4)  # prefix tokens per key/value of a component (CODA: e_p_length 8 = 4 + 4)
+    layers: list[int] = ranged(factory=lambda: [0, 1, 2, 3, 4], ge=0)
+    ortho_weight: float = nonneg(1e-7)  # CODA's ortho_mu 0.1 x its internal 1e-6
 
 
 @register_method("coda_prompt")

@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.config import count
 from vlprompt.methods.base import Method, Plans, register_method
 from vlprompt.prompts import TextContext
 
 
 @dataclass
 class CoOpOptions:
-    n_ctx: int = 4
+    n_ctx: int = count(4)
     ctx_init: str = "a photo of a"  # words whose embeddings initialise the context ("" = random N(0, 0.02²))
 
 

@@ -6,7 +6,10 @@ with global-local attention (frames see their own frame and the globals, globals
 do not depend on the sample, so they are generated once per step. The logit scale is CLIP's, frozen (100 for
 OpenAI weights). Spec: ``shared/specs/dgl.md``.
 
-Where the reference code and the paper differ, the default follows the paper and an option reproduces the code:
+Where the reference code and the paper differ, the default follows the paper and an option reproduces the code;
+both options default to ``auto``, which selects the code's behaviour when ``reference_checkpoint`` is set (an
+official checkpoint reproduces the reference's embeddings, and its published numbers, only that way) and the
+paper's otherwise. An explicit value is always kept, with a warning when it departs from a loaded checkpoint's.
 
 - ``video_embedding``: ``frame_mean`` (the frames' CLS embeddings averaged, the paper's description) or
   ``global_prompt0`` (the reference: the first global prompt's output), ``global_mean``, ``global_and_frame_mean``.
@@ -17,6 +20,7 @@ Where the reference code and the paper differ, the default follows the paper and
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,23 +28,39 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.config import count, nonneg
 from vlprompt.methods.base import Method, Plans, register_method
 from vlprompt.prompts import DGLLinearPrompts, DGLPrompts, DGLTransformerPrompts
 
-VIDEO_EMBEDDINGS = ("frame_mean", "global_prompt0", "global_mean", "global_and_frame_mean")
-POSTFIX_MODES = ("before_eot", "inert")
+VIDEO_EMBEDDINGS = ("auto", "frame_mean", "global_prompt0", "global_mean", "global_and_frame_mean")
+POSTFIX_MODES = ("auto", "before_eot", "inert")
+#: What ``auto`` selects: the paper's behaviour, or the reference code's when a reference checkpoint is loaded
+#: (its published numbers were produced that way: ``visual_output_type=global_prompt0``, postfix after end-of-text).
+PAPER_BEHAVIOUR = {"video_embedding": "frame_mean", "postfix": "before_eot"}
+REFERENCE_BEHAVIOUR = {"video_embedding": "global_prompt0", "postfix": "inert"}
+
+log = logging.getLogger("vlprompt.methods")
 
 
 @dataclass
 class DGLOptions:
     latent: str = "transformer"  # transformer | linear (the shared latent space generator)
-    n_global: int = 4  # G global prompts
-    n_local: int = 4  # P local prompts per frame (and P prefix + P postfix text prompts)
-    depth: int = 0  # prompt layers K (0 = every layer)
-    frames: int = 0  # T, for the transformer's per-frame prompts; 0 = data.num_frames (set by the engine)
-    video_embedding: str = "frame_mean"
-    postfix: str = "before_eot"
+    n_global: int = count(4)  # G global prompts
+    n_local: int = count(4)  # P local prompts per frame (and P prefix + P postfix text prompts)
+    depth: int = nonneg(0)  # prompt layers K (0 = every layer)
+    frames: int = nonneg(0)  # T, for the transformer's per-frame prompts; 0 = data.num_frames (set by the engine)
+    video_embedding: str = "auto"  # auto: frame_mean, or global_prompt0 with a reference checkpoint
+    postfix: str = "auto"  # auto: before_eot, or inert with a reference checkpoint
     reference_checkpoint: str = ""  # an official DGL checkpoint to start from (read by the engine)
+
+
+def effective_behaviour(options: DGLOptions, key: str) -> str:
+    """The effective ``video_embedding`` or ``postfix``: an explicit value as given; ``auto`` is the paper's, or
+    the reference code's when ``reference_checkpoint`` is set (only then do its weights give its embeddings)."""
+    value = getattr(options, key)
+    if value != "auto":
+        return value
+    return (REFERENCE_BEHAVIOUR if options.reference_checkpoint else PAPER_BEHAVIOUR)[key]
 
 
 @register_method("dgl")
@@ -72,6 +92,32 @@ class DGL(Method):
                                                  **widths)  # fmt: skip
         else:
             raise ValueError(f"dgl.latent must be 'linear' or 'transformer', got {o.latent!r}")
+        if o.reference_checkpoint:
+            self._note_reference_behaviour()
+
+    @property
+    def video_embedding(self) -> str:
+        """How a video embedding is read out (see :data:`VIDEO_EMBEDDINGS`), ``auto`` resolved."""
+        return effective_behaviour(self.options, "video_embedding")
+
+    @property
+    def postfix(self) -> str:
+        """Where the postfix text prompts go (see :data:`POSTFIX_MODES`), ``auto`` resolved."""
+        return effective_behaviour(self.options, "postfix")
+
+    def _note_reference_behaviour(self) -> None:
+        """Say what a reference checkpoint selects, and warn when an explicit setting departs from the reference."""
+        chosen = {key: effective_behaviour(self.options, key) for key in REFERENCE_BEHAVIOUR}
+        if auto := [f"{k}={v}" for k, v in chosen.items() if getattr(self.options, k) == "auto"]:
+            log.warning("dgl: reference checkpoint given, so %s (the reference code's behaviour)", ", ".join(auto))
+        if differ := [k for k, v in chosen.items() if v != REFERENCE_BEHAVIOUR[k]]:
+            log.warning(
+                "dgl: %s set explicitly; the reference checkpoint then does not reproduce the reference's embeddings "
+                "(it uses %s; set %s to follow it)",
+                ", ".join(f"{k}={chosen[k]}" for k in differ),
+                ", ".join(f"{k}={REFERENCE_BEHAVIOUR[k]}" for k in differ),
+                " and ".join(f"method.{k}=auto" for k in differ),
+            )
 
     def plans(self) -> Plans:
         p: DGLPrompts = self.prompts()
@@ -83,7 +129,7 @@ class DGL(Method):
         )  # fmt: skip
         prefix = p.prefix()
         text = PromptPlan(insert=prefix[0], replace={k: prefix[k] for k in range(1, depth)})
-        if self.options.postfix == "before_eot":
+        if self.postfix == "before_eot":
             text.suffix = dict(enumerate(p.postfix()))
         return Plans(image=vision, text=text)
 
@@ -92,7 +138,7 @@ class DGL(Method):
         plans = plans if plans is not None else self.plans()
         if self.options.latent == "transformer" and frames.shape[1] != self.options.frames:
             raise ValueError(f"DGL-Transformer has prompts for {self.options.frames} frames, got {frames.shape[1]}")
-        how = self.options.video_embedding
+        how = self.video_embedding
         out = self.backbone.vision(frames, plans.image, return_tokens=how in ("global_mean", "global_and_frame_mean"))
         if how == "global_prompt0":
             video = out.pooled

@@ -9,7 +9,7 @@ seen task whose key is closest to the query (top-1) supplies the E-prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
+from vlprompt.config import count, nonneg, ranged
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import CILOptions, ClassIncrementalMethod
 from vlprompt.prompts.dualprompt import DualPromptPrompts
@@ -24,11 +25,11 @@ from vlprompt.prompts.dualprompt import DualPromptPrompts
 
 @dataclass
 class DualPromptOptions(CILOptions):
-    g_layers: list[int] = field(default_factory=lambda: [0, 1])  # G-prompt layers (DualPrompt: 0-1)
-    e_layers: list[int] = field(default_factory=lambda: [2, 3, 4])  # E-prompt layers (DualPrompt: 2-4)
-    g_length: int = 5  # prefix tokens per key/value of the G-prompt
-    e_length: int = 20  # prefix tokens per key/value of an E-prompt (HiDe's config; DualPrompt: 5)
-    pull_weight: float = 1.0  # key-query matching coefficient
+    g_layers: list[int] = ranged(factory=lambda: [0, 1], ge=0)  # G-prompt layers (DualPrompt: 0-1)
+    e_layers: list[int] = ranged(factory=lambda: [2, 3, 4], ge=0)  # E-prompt layers (DualPrompt: 2-4)
+    g_length: int = count(5)  # prefix tokens per key/value of the G-prompt
+    e_length: int = count(20)  # prefix tokens per key/value of an E-prompt (HiDe's config; DualPrompt: 5)
+    pull_weight: float = nonneg(1.0)  # key-query matching coefficient
     init: str = "uniform"
 
 

@@ -20,7 +20,7 @@ classes instead, so a wrong route is always a wrong answer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
+from vlprompt.config import count, nonneg, positive, ranged, unit
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import (
     CILOptions,
@@ -49,23 +50,23 @@ from vlprompt.prompts.dualprompt import TaskPrefixPrompts, prefix_plan
 
 @dataclass
 class HiDeOptions(CILOptions):
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # prefix layers (HiDe: 0-4)
-    length: int = 5  # prefix tokens per key and per value (HiDe: 5 for CIFAR, 20 for ImageNet-R/CUB)
+    layers: list[int] = ranged(factory=lambda: [0, 1, 2, 3, 4], ge=0)  # prefix layers (HiDe: 0-4)
+    length: int = count(5)  # prefix tokens per key and per value (HiDe: 5 for CIFAR, 20 for ImageNet-R/CUB)
     init: str = "uniform"  # U(-1, 1), HiDe's initializer
     init_from_previous: bool = True  # a new task's prompt starts as the previous task's (shared_prompt_pool)
-    momentum: float = 0.01  # prompt momentum after the task: P_t <- (1-m) P_t + m mean_{j<t} P_j
-    reg: float = 0.1  # contrastive regularisation weight (HiDe's scripts: 0.1; spec range 0.01-0.5)
-    reg_temperature: float = 0.8
-    tii_epochs: int = 20  # TII stage on real frozen queries (HiDe: 20 epochs, Adam lr 5e-4)
-    tii_lr: float = 5e-4
-    tii_batch_size: int = 24  # HiDe's per-GPU batch
-    tii_hidden_mult: int = 2  # MLP D -> 2D -> D
+    momentum: float = unit(0.01)  # prompt momentum after the task: P_t <- (1-m) P_t + m mean_{j<t} P_j
+    reg: float = nonneg(0.1)  # contrastive regularisation weight (HiDe's scripts: 0.1; spec range 0.01-0.5)
+    reg_temperature: float = positive(0.8)
+    tii_epochs: int = nonneg(20)  # TII stage on real frozen queries (HiDe: 20 epochs, Adam lr 5e-4)
+    tii_lr: float = positive(5e-4)
+    tii_batch_size: int = count(24)  # HiDe's per-GPU batch
+    tii_hidden_mult: int = count(2)  # MLP D -> 2D -> D
     tii_mask: str = "task"  # TII stage logits: task (HiDe's train_mask) | seen (the spec's reading)
-    centroids: int = 10  # k-means centroids per class (HiDe's multi-centroid, n_centroids=10)
-    align_epochs: int = 30  # TII and TAP alignment epochs (HiDe's crct_epochs)
-    align_lr: float = 0.005  # HiDe's ca_lr (SGD, momentum 0.9, wd 5e-4, cosine)
-    align_samples: int = 24  # pseudo-features per centroid per epoch (HiDe's TII engine: batch size)
-    align_batch_size: int = 128
+    centroids: int = count(10)  # k-means centroids per class (HiDe's multi-centroid, n_centroids=10)
+    align_epochs: int = nonneg(30)  # TII and TAP alignment epochs (HiDe's crct_epochs)
+    align_lr: float = positive(0.005)  # HiDe's ca_lr (SGD, momentum 0.9, wd 5e-4, cosine)
+    align_samples: int = count(24)  # pseudo-features per centroid per epoch (HiDe's TII engine: batch size)
+    align_batch_size: int = count(128)
     tap: bool = True  # align the classifier on pseudo-features of the prompted features (from task 1 on)
     predict_within_task: bool = False  # restrict the prediction to the routed task's classes
 

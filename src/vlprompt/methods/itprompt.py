@@ -20,7 +20,7 @@ as the base, as spec A9 reads the figure:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.backbone import Backbone
+from vlprompt.config import count, nonneg, ranged
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import check_choices, scalar
 from vlprompt.methods.hide import HiDeOptions, HiDePrompt
@@ -35,14 +36,14 @@ from vlprompt.methods.hide import HiDeOptions, HiDePrompt
 
 @dataclass
 class ITPromptOptions(HiDeOptions):
-    layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # [INF] VQ-Prompt/CODA: layers 0-4
-    length: int = 4  # [INF] Lp = 8 = 4 key + 4 value tokens
-    text_weight: float = 1.0  # beta of the text-guidance term [INF]
+    layers: list[int] = ranged(factory=lambda: [0, 1, 2, 3, 4], ge=0)  # [INF] VQ-Prompt/CODA: layers 0-4
+    length: int = count(4)  # [INF] Lp = 8 = 4 key + 4 value tokens
+    text_weight: float = nonneg(1.0)  # beta of the text-guidance term [INF]
     text_loss: str = "ce"  # ce (softmax over text anchors) | cosine (1 - cos(z, w_y)) [INF]
     text_classes: str = "task"  # classes in the text softmax: task (C_t) | seen [INF]
-    text_scale: float = 0.0  # s of the text softmax; 0 = CLIP's logit scale [INF]
-    key_weight: float = 0.0  # gamma of the optional DualPrompt-style pull 1 - cos(q, k_t) [INF]
-    infer_text_weight: float = 0.0  # lambda: add lambda * s * cos(z, w_c) to the test logits [INF]
+    text_scale: float = nonneg(0.0)  # s of the text softmax; 0 = CLIP's logit scale [INF]
+    key_weight: float = nonneg(0.0)  # gamma of the optional DualPrompt-style pull 1 - cos(q, k_t) [INF]
+    infer_text_weight: float = nonneg(0.0)  # lambda: add lambda * s * cos(z, w_c) to the test logits [INF]
     classifier: str = "head"  # head (linear + TAP, the ACM paper's figure) | ncm (the journal's C-NCM) [INF]
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.config import count, nonneg
 from vlprompt.methods.base import Plans, register_method
 from vlprompt.methods.continual import ContinualMethod
 from vlprompt.prompts.pool import PromptPool
@@ -27,11 +28,11 @@ from vlprompt.prompts.pool import PromptPool
 
 @dataclass
 class L2POptions:
-    num_tasks: int = 0  # set by the continual runner (the pool does not depend on it)
-    pool_size: int = 10  # M (L2P's CIFAR setting: M=10, length 5, top 5)
-    length: int = 5  # tokens per prompt
-    top_k: int = 5
-    pull_weight: float = 0.1  # L2P's surrogate-loss coefficient
+    num_tasks: int = nonneg(0)  # set by the continual runner (the pool does not depend on it)
+    pool_size: int = count(10)  # M (L2P's CIFAR setting: M=10, length 5, top 5)
+    length: int = count(5)  # tokens per prompt
+    top_k: int = count(5)
+    pull_weight: float = nonneg(0.1)  # L2P's surrogate-loss coefficient
     batchwise_train: bool = False  # L2P's batch-wise majority vote during training
     text_pool: bool = False
     init: str = "uniform"  # prompts and keys U(-1, 1), as L2P

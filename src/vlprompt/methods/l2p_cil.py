@@ -10,13 +10,14 @@ during training). The pool is shared, so every task trains all of it: L2P has no
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from vlprompt.backbone import Backbone
+from vlprompt.config import count, nonneg, ranged
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import CILOptions, ClassIncrementalMethod
 from vlprompt.prompts.dualprompt import prefix_plan
@@ -25,11 +26,11 @@ from vlprompt.prompts.pool import PromptPool
 
 @dataclass
 class L2PCILOptions(CILOptions):
-    pool_size: int = 10  # M (L2P: 10; CODA's L2P++: 30)
-    length: int = 5  # prefix tokens per key and per value of one prompt (L2P: Lp = 5)
-    top_k: int = 5  # prompts chosen per sample (L2P: 5)
-    layers: list[int] = field(default_factory=lambda: [0])  # L2P prompts the first layer only
-    pull_weight: float = 0.1  # L2P's surrogate-loss coefficient
+    pool_size: int = count(10)  # M (L2P: 10; CODA's L2P++: 30)
+    length: int = count(5)  # prefix tokens per key and per value of one prompt (L2P: Lp = 5)
+    top_k: int = count(5)  # prompts chosen per sample (L2P: 5)
+    layers: list[int] = ranged(factory=lambda: [0], ge=0)  # L2P prompts the first layer only
+    pull_weight: float = nonneg(0.1)  # L2P's surrogate-loss coefficient
     batchwise_train: bool = False
     init: str = "uniform"  # prompts and keys U(-1, 1), as L2P
 

@@ -2,8 +2,9 @@
 
 Per task one :class:`~vlprompt.prompts.lpi.DecomposedPrompt` (CP rank ``r``, layer factor shared by the two
 modalities). Slice 0 enters like S-Prompts (vision: inserted after CLS before ``ln_pre``, no positional embedding;
-text: replaces the ``N`` placeholder words); with ``depth > 1`` slices ``1..depth-1`` are added to the same
-positions before blocks ``1..depth-1``. The release's deep path is dead code, so ``depth=1`` reproduces it, 3 is
+text: replaces the ``N`` placeholder words of LPI's string ``"X X ... X " + caption + "."``, the "." being
+``caption_suffix``); with ``depth > 1`` slices ``1..depth-1`` are added to the same positions before blocks
+``1..depth-1``. The release's deep path is dead code, so ``depth=1`` reproduces it, 3 is
 its README's setting and 9 the grounding/paper-like one. Loss (spec section 3):
 ``L_clip + 0.1·L_align + 0.1·L_task`` (``L_task`` from the second task on). Evaluation routes images and captions
 independently with K-means keys (S-Prompts). ``interact=True`` adds the per-task low-rank interaction
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
+from vlprompt.config import count, nonneg, positive
 from vlprompt.methods.base import register_method
 from vlprompt.methods.continual import TaskPromptMethod
 from vlprompt.prompts.lpi import DecomposedPrompt, LowRankInteraction
@@ -27,23 +29,24 @@ from vlprompt.prompts.lpi import DecomposedPrompt, LowRankInteraction
 
 @dataclass
 class LPIOptions:
-    num_tasks: int = 0  # set from the task sequence by the continual runner (0 = 1 task when built alone)
-    n_tokens: int = 16  # N prompt tokens = placeholder words before each caption
-    layers: int = 9  # L, layer slices of the prompt tensor (hard-coded 9 in LPI)
-    rank: int = 4
-    depth: int = 1  # layers that receive prompts: 1 = release, 3 = README, 9 = grounding / paper-like
+    num_tasks: int = nonneg(0)  # set from the task sequence by the continual runner (0 = 1 task when built alone)
+    n_tokens: int = count(16)  # N prompt tokens = placeholder words before each caption
+    layers: int = count(9)  # L, layer slices of the prompt tensor (hard-coded 9 in LPI)
+    rank: int = count(4)
+    depth: int = count(1)  # layers that receive prompts: 1 = release, 3 = README, 9 = grounding / paper-like
     insert_before_ln_pre: bool = True  # vision prompts enter before ln_pre (LPI's code); False = after (VPT)
-    init_std: float = 0.5
-    align_weight: float = 0.1
-    align_temperature: float = 0.01  # retrieval: mean_d(P)/0.01, unnormalised; grounding: normalised, /0.01
+    init_std: float = nonneg(0.5)
+    align_weight: float = nonneg(0.1)
+    align_temperature: float = positive(0.01)  # retrieval: mean_d(P)/0.01, unnormalised; grounding: normalised, /0.01
     align_normalize: bool = False
-    task_weight: float = 0.1
-    task_temperature: float = 0.001  # retrieval 0.001, grounding 0.01
+    task_weight: float = nonneg(0.1)
+    task_temperature: float = positive(0.001)  # retrieval 0.001, grounding 0.01
     double_sigmoid: bool = False  # the reference's BCE-with-logits applied to sigmoid outputs (for fidelity only)
     interact: bool = False  # paper mode: per-task low-rank interaction of the deep prompts
-    interact_rank: int = 4
-    n_keys: int = 5  # K-means keys per task per modality
+    interact_rank: int = count(4)
+    n_keys: int = count(5)  # K-means keys per task per modality
     text_keys_with_placeholders: bool = False  # True: keys from the "X X ... caption" string, as LPI's code
+    caption_suffix: str = "."  # appended to every caption: LPI encodes "X X ... X " + caption + "."
 
 
 def layer_alignment_loss(pv: Tensor, pt: Tensor, temperature: float = 0.01, normalize: bool = False) -> Tensor:
@@ -110,6 +113,7 @@ class LPI(TaskPromptMethod):
         )
         self.depth = o.depth
         self.n_placeholders = o.n_tokens
+        self.caption_suffix = o.caption_suffix  # "X" * N + " " + caption + "." (routing keys included)
         self.loss_terms: dict[str, float] = {}
         self.begin_task(0)
 

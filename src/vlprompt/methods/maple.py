@@ -6,14 +6,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.config import count
 from vlprompt.methods.base import Method, Plans, register_method
 from vlprompt.prompts import CoupledPrompts
 
 
 @dataclass
 class MaPLeOptions:
-    n_ctx: int = 2
-    depth: int = 9  # prompt depth J (MaPLe's default); capped at the towers' depth
+    n_ctx: int = count(2)
+    depth: int = count(9)  # prompt depth J (MaPLe's default); capped at the towers' depth
     ctx_init: str = "a photo of a"
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.config import count, ranged
 from vlprompt.data.classnames import format_prompts
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import Method, register_method
@@ -138,8 +139,8 @@ def _col(values: Sequence[float], like: Tensor) -> Tensor:
 class RewardOptions:
     reward: list[str] = field(default_factory=lambda: ["vlprompt-small"])  # reward CLIPs (several = RLCF-S)
     reward_pretrained: list[str] = field(default_factory=lambda: ["world"])  # one tag per model, or one for all
-    reward_weights: list[float] = field(default_factory=list)  # confidences per model ([] = equal)
-    sample_k: int = 3  # K candidates per input (top-K of the policy)
+    reward_weights: list[float] = ranged(factory=list, gt=0)  # confidences per model ([] = equal)
+    sample_k: int = count(3)  # K candidates per input (top-K of the policy)
 
 
 def reward_specs(o: RewardOptions) -> list[tuple[str, str | None]]:
@@ -201,7 +202,7 @@ class RLCF(ClassificationTTA):
 @dataclass
 class RLCFRetrievalOptions(RewardOptions):
     direction: str = "i2t"  # i2t: tune the image tower per image query | t2i: tune the text tower per caption
-    sample_k: int = 20  # reference: i2t 20 (COCO) / 16 (Flickr), t2i 12
+    sample_k: int = count(20)  # reference: i2t 20 (COCO) / 16 (Flickr), t2i 12
     # t2i: train only the query's token-embedding rows. The other rows get no gradient and are never read before
     # the restore, so predictions are the same as tuning the whole table, at a fraction of the optimizer work;
     # momentum averaging (RLCF-S-M) needs the whole table (weight decay moves every row), so turn it off there.

@@ -29,7 +29,7 @@ trainer calls :meth:`RVLR.bind_train_set` once and passes each batch's dataset a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
+from vlprompt.config import nonneg, positive, unit
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import Method, Plans, register_method
-from vlprompt.methods.build import build_method
+from vlprompt.methods.build import build_method, method_section
 
 DISTANCES = ("mae", "mse", "cumsum_mae")
 STUDENT_RELATIONS = ("single_modal", "pair")
@@ -49,24 +50,24 @@ STUDENT_RELATIONS = ("single_modal", "pair")
 
 @dataclass
 class RVLROptions:
-    base: dict[str, Any] = field(default_factory=lambda: {"name": "finetune"})  # the method RVLR trains
+    base: dict[str, Any] = method_section(lambda: {"name": "finetune"})  # the method RVLR trains
     image_teacher: str = ""  # feature cache folder (`vlprompt features extract ... --modality image`)
     text_teacher: str = ""  # feature cache folder (`... --modality text`)
-    image_teacher_dim: int = 0  # 0 = read from the cache; set both to build without the caches (e.g. to count)
-    text_teacher_dim: int = 0
-    lam: float = 0.5  # lambda: the text teacher's share of the target E (its initial value when learned)
+    image_teacher_dim: int = nonneg(0)  # 0 = read from the cache; set both to build without the caches (e.g. to count)
+    text_teacher_dim: int = nonneg(0)
+    lam: float = unit(0.5)  # lambda: the text teacher's share of the target E (its initial value when learned)
     learn_lambda: bool = True
     clamp_lambda: bool = False  # use clamp(lambda, 0, 1); the reference leaves it free (L_kdi + L_kdt bound it)
-    relation_temperature: float = 0.07  # tau2
+    relation_temperature: float = positive(0.07)  # tau2
     learn_relation_temperature: bool = False
     distance: str = "mae"  # mae | mse | cumsum_mae
     student_relation: str = "single_modal"  # single_modal | pair
     soft_targets: bool = True  # captions of the same image are all positives (else: diagonal targets)
-    w_clip: float = 1.0
-    w_rep_image: float = 1.0
-    w_rep_text: float = 2.0
-    w_kd: float = 2.0
-    w_kd_teachers: float = 1.0  # weight of L_kdi and of L_kdt (only when lambda is learned)
+    w_clip: float = nonneg(1.0)
+    w_rep_image: float = nonneg(1.0)
+    w_rep_text: float = nonneg(2.0)
+    w_kd: float = nonneg(2.0)
+    w_kd_teachers: float = nonneg(1.0)  # weight of L_kdi and of L_kdt (only when lambda is learned)
 
 
 # ---- losses as functions of the (global) batch -----------------------------------------------------------

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from vlprompt.backbone import Backbone
+from vlprompt.config import count, nonneg
 from vlprompt.methods.base import Plans, register_method
 from vlprompt.methods.continual import ContinualMethod, TaskPromptMethod, prompt_pair_plans
 from vlprompt.prompts.lpi import FullRankPrompt
@@ -21,12 +22,13 @@ from vlprompt.prompts.lpi import FullRankPrompt
 
 @dataclass
 class SPromptsOptions:
-    num_tasks: int = 0  # set from the task sequence by the continual runner (0 = 1 task when built alone)
-    n_tokens: int = 16
-    init_std: float = 0.02
-    n_keys: int = 5  # K-means keys per task per modality
+    num_tasks: int = nonneg(0)  # set from the task sequence by the continual runner (0 = 1 task when built alone)
+    n_tokens: int = count(16)
+    init_std: float = nonneg(0.02)
+    n_keys: int = count(5)  # K-means keys per task per modality
     insert_before_ln_pre: bool = True  # vision prompts enter before ln_pre (LPI's code); False = after (VPT)
     text_keys_with_placeholders: bool = False  # True: keys from the "X X ... caption" string, as LPI's code
+    caption_suffix: str = "."  # appended to every caption, as LPI's code (which holds this baseline) does
 
 
 @register_method("sprompts")
@@ -43,15 +45,17 @@ class SPrompts(TaskPromptMethod):
             for _ in range(self.num_tasks)
         )
         self.n_placeholders = o.n_tokens
+        self.caption_suffix = o.caption_suffix
         self.begin_task(0)
 
 
 @dataclass
 class SeqFTOptions:
-    num_tasks: int = 0
-    n_tokens: int = 16
-    init_std: float = 0.02
+    num_tasks: int = nonneg(0)
+    n_tokens: int = count(16)
+    init_std: float = nonneg(0.02)
     insert_before_ln_pre: bool = True
+    caption_suffix: str = "."  # as S-Prompts
 
 
 @register_method("seqft")
@@ -65,6 +69,7 @@ class SequentialFinetune(ContinualMethod):
         o = self.options
         self.prompt = FullRankPrompt(1, o.n_tokens, backbone.vision_width, backbone.text_width, o.init_std)
         self.n_placeholders = o.n_tokens
+        self.caption_suffix = o.caption_suffix
 
     def plans(self) -> Plans:
         return prompt_pair_plans(*self.prompt(), before_ln_pre=self.options.insert_before_ln_pre)

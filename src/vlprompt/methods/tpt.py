@@ -23,21 +23,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.config import count, nonneg
 from vlprompt.data.classnames import format_prompts, split_template, underscore_template
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import Method, Plans, register_method
 from vlprompt.prompts import TextContext
+from vlprompt.safe_pickle import load_torch_tensors
 
 
 @dataclass
 class TPTOptions:
     tune: str = "prompt"  # prompt (CoOp context) | encoder (the image tower)
-    n_ctx: int = 4
+    n_ctx: int = count(4)
     ctx_init: str = "a photo of a"  # words whose embeddings start the context ("" = random)
     ctx_load: str = ""  # a saved context to start from: our .safetensors checkpoint or CoOp's .pth
     template: str = "a photo of a {}."  # the hard prompt (encoder variant, zero-shot, reward text)
     encoder_params: str = "all"  # encoder variant: all | norm (LayerNorm / BatchNorm parameters only)
-    logit_scale: float = 100.0  # logits = scale * cos (OpenAI CLIP's exp(logit_scale)); 0 = the backbone's own
+    logit_scale: float = nonneg(100.0)  # logits = scale * cos (OpenAI CLIP's exp(logit_scale)); 0 = the backbone's own
     underscore_prompts: bool = False  # encoder variant: the reference's "a_photo_of_a {}." prompts (off = paper)
 
 
@@ -78,7 +80,7 @@ def load_context(path: str) -> Tensor:
 
         state = load_file(str(file))
     else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = load_torch_tensors(file, "ctx_load checkpoint")  # tensors and plain values only, never code
         state = state.get("state_dict", state) if isinstance(state, dict) else state
     keys = [k for k in state if k == "ctx" or k.endswith(".ctx")] if isinstance(state, dict) else []
     if len(keys) != 1:

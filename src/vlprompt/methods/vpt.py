@@ -6,14 +6,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.config import count, nonneg
 from vlprompt.methods.base import Method, Plans, register_method
 from vlprompt.prompts import DeepPrompts, vpt_init_range
 
 
 @dataclass
 class VPTOptions:
-    n_tokens: int = 8
-    depth: int = 0  # layers with their own prompts; 0 = every layer (VPT-deep), 1 = VPT-shallow
+    n_tokens: int = count(8)
+    depth: int = nonneg(0)  # layers with their own prompts; 0 = every layer (VPT-deep), 1 = VPT-shallow
 
 
 @register_method("vpt")
