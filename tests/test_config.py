@@ -354,3 +354,49 @@ def test_check_fields_walks_nested_sections():
 def test_every_shipped_recipe_loads(recipe_path):
     cfg = load_config(recipe_path)  # every range and choice, the method's options included
     assert cfg.method["name"] in METHODS
+
+
+@pytest.mark.parametrize("spelling", ["data.val=", "data.val=null", "data.val=~"])
+def test_an_optional_key_is_unset_from_the_command_line(recipe, spelling):
+    base = load_config(recipe, ["data.val=val.json", "continual.order=[3,1]"])
+    assert base.data.val == "val.json"
+    cfg = load_config(recipe, ["data.val=val.json", spelling])  # the later override unsets the earlier value
+    assert cfg.data.val == ""
+    assert load_config(recipe, ["continual.order=[3,1]", "continual.order="]).continual.order == []
+    assert load_config(None, ["backbone.pretrained="]).backbone.pretrained is None  # optional: None
+    assert load_config(None, ["backbone.pretrained=null"]).backbone.pretrained is None
+
+
+def test_a_null_in_yaml_unsets_too(tmp_path):
+    path = tmp_path / "template.yaml"
+    path.write_text("data:\n  root: /data\n  val: null\n  test:\nmethod:\n  name: coop\n  ctx_init: null\n")
+    cfg = load_config(path)
+    assert (cfg.data.val, cfg.data.test, cfg.data.root) == ("", "", "/data")
+    assert cfg.method == {"name": "coop", "ctx_init": None}  # method options: see the next tests
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lr=", "train.lr cannot be unset (train.lr= or train.lr=null): it takes a finite number > 0"),
+        (
+            "data.max_words=null",
+            "data.max_words cannot be unset (data.max_words= or data.max_words=null): it takes 0 or",
+        ),
+        ("data.strict=", "data.strict cannot be unset (data.strict= or data.strict=null): it takes true or false"),
+        ("train.optimizer=", "train.optimizer cannot be unset: it must be one of adamw, sgd"),
+        ("train.betas=", "train.betas cannot be unset (train.betas= or train.betas=null): it takes a list, each a"),
+    ],
+)
+def test_a_key_that_cannot_be_unset_names_what_it_takes(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert str(info.value).startswith(message)
+
+
+def test_method_options_are_unset_like_config_keys():
+    cfg = load_config(None, ["method.name=coop", "method.ctx_init=a photo of a", "method.ctx_init="])
+    assert cfg.method["ctx_init"] is None  # the section is kept as written; its typed options see "" below
+    assert options_from_dict(METHODS.get("coop").Options, {"ctx_init": None}, where="method (coop)").ctx_init == ""
+    with pytest.raises(ConfigError, match=r"^method\.n_ctx cannot be unset"):
+        load_config(None, ["method.name=coop", "method.n_ctx="])

@@ -1,15 +1,19 @@
 """Typed configs: dataclasses loaded from YAML with ``key=value`` overrides (OmegaConf structured configs).
 
-Unknown keys are errors that list the valid keys. Every numeric option declares its allowed range and every
-enumerated string option its allowed values in its field (:func:`ranged`, :func:`choice` and the shortcuts
-:func:`count`, :func:`nonneg`, :func:`positive`, :func:`unit`); :func:`check_fields` enforces them when a config
-is loaded, for the config sections and for the chosen method's own ``Options`` dataclass.
+Unknown keys are errors that list the valid keys. ``key=`` or ``key=null`` (``key: null`` in YAML) unsets an
+optional key: an empty string or list, or None where the field is optional (:func:`unset_nulls`). Every numeric
+option declares its allowed range and every enumerated string option its allowed values in its field
+(:func:`ranged`, :func:`choice` and the shortcuts :func:`count`, :func:`nonneg`, :func:`positive`, :func:`unit`);
+:func:`check_fields` enforces them when a config is loaded, for the config sections and for the chosen method's own
+``Options`` dataclass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +26,8 @@ from vlprompt.errors import ConfigError
 
 #: Field metadata keys of the declarations below.
 RANGE, CHOICES = "range", "choices"
+#: Field metadata key of :func:`subset`: a list whose items must be among the allowed names.
+SUBSET = "subset"
 #: Largest seed NumPy's ``RandomState`` accepts (the seeds below feed it).
 MAX_SEED = 2**32 - 1
 
@@ -112,6 +118,25 @@ def choice(default: str, *allowed: str) -> Any:
     return field(default=default, metadata={CHOICES: (default, *[a for a in allowed if a != default])})
 
 
+def subset(*allowed: str) -> Any:
+    """A list-of-names field (default empty) whose items must be among ``allowed``; see :func:`name_list`."""
+    return field(default_factory=list, metadata={SUBSET: allowed})
+
+
+def name_list(value: Any) -> Any:
+    """A :func:`subset` field's value as a list: ``"a,b"`` and ``"a, b"`` become ``["a", "b"]``, ``None``, ``""`` and
+    ``"none"`` become ``[]`` (so both open_clip's ``--report-to a,b`` and a YAML list work); anything else is kept
+    for :func:`check_fields` to reject."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, list | tuple):
+        names = [v.strip() if isinstance(v, str) else v for v in value]
+        return [v for v in names if v not in ("", "none")]
+    return value
+
+
 def check_fields(obj: Any, prefix: str = "") -> None:
     """Check every declared range and choice of dataclass ``obj`` (recursing into nested dataclasses);
     the :class:`ConfigError` names the key (``prefix`` + field name), the value and what is allowed."""
@@ -128,6 +153,10 @@ def check_fields(obj: Any, prefix: str = "") -> None:
                 raise ConfigError(f"{key} = {value!r}: {each} {rng.describe(integer)}")
         elif CHOICES in f.metadata and value not in f.metadata[CHOICES]:
             raise ConfigError(f"{key} = {value!r}: must be one of {', '.join(f.metadata[CHOICES])}")
+        elif SUBSET in f.metadata and (
+            not isinstance(value, list) or any(v not in f.metadata[SUBSET] for v in value)
+        ):
+            raise ConfigError(f"{key} = {value!r}: each must be one of {', '.join(f.metadata[SUBSET])}")
 
 
 @dataclass
@@ -145,6 +174,8 @@ class DataConfig:
     train: str = ""  # annotation files ("default" = a video format's standard file of that split; "" = none)
     val: str = ""
     test: str = ""
+    # Karpathy files: where relative image paths resolve (README "Real data layout"; data.sources.split_files)
+    images_from: str = choice("auto", "root", "annotation")
     video_root: str = ""  # video formats: folder of the videos (default: <root>/videos)
     num_frames: int = count(12)  # video formats: frames sampled per video (segment sampling)
     order_pairs: str = ""  # video formats: JSON list of [video_id, video_id] time-reversed test pairs (order metric)
@@ -173,7 +204,9 @@ class TrainConfig:
     grad_clip: float = nonneg(0.0)  # max gradient norm (0 = off)
     autocast: str = choice("none", "bf16", "fp16")
     grad_checkpointing: bool = False
-    eval_every: int = nonneg(1)  # epochs between evaluations (0 = only at the end)
+    # epochs between validations on data.val, plus one at the end (>= epochs: only at the end; 0 = never, and
+    # data.val is not read)
+    eval_every: int = nonneg(1)
     checkpoint_every: int = nonneg(0)  # optimizer steps between checkpoints (0 = at the end of each epoch)
 
 
@@ -238,6 +271,20 @@ class CILConfig:
 
 
 @dataclass
+class LogConfig:
+    """Experiment tracking, as open_clip's ``--report-to``: losses, learning rate, every evaluated metric, continual
+    accuracy matrices and TTA gains also go to TensorBoard (``RUN_DIR/tensorboard``) and/or Weights & Biases
+    (optional packages: ``pip install 'vlprompt[track]'``). Rank 0 alone reports."""
+
+    report_to: Any = subset("tensorboard", "wandb")  # a list or a comma string ("tensorboard,wandb"); [] = files only
+    every_steps: int = count(10)  # optimizer steps between reported training losses
+    wandb_project: str = "vlprompt"  # W&B project (the entity comes from W&B's own login or WANDB_ENTITY)
+
+    def __post_init__(self) -> None:
+        self.report_to = name_list(self.report_to)
+
+
+@dataclass
 class Config:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     method: dict[str, Any] = field(default_factory=lambda: {"name": "zeroshot"})
@@ -246,6 +293,7 @@ class Config:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
     cil: CILConfig = field(default_factory=CILConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = ranged(0, ge=0, le=MAX_SEED)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...
     out_dir: str = "runs"
@@ -271,6 +319,54 @@ def _friendly(err: OmegaConfBaseException, schema: Any) -> ConfigError:
     return ConfigError(f"bad value for config key {key!r}: {getattr(err, 'msg', err)}")
 
 
+def _empty_value(hint: Any, f: dataclasses.Field, key: str) -> Any:
+    """What unsetting field ``f`` means: None for optional fields, ``""`` for strings, ``[]`` for lists."""
+    origin = typing.get_origin(hint)
+    if hint is Any or (origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)):
+        return None
+    if CHOICES in f.metadata:
+        raise ConfigError(f"{key} cannot be unset: it must be one of {', '.join(f.metadata[CHOICES])}")
+    if hint is str:
+        return ""
+    if origin is list:
+        return []
+    if RANGE in f.metadata:
+        what = f.metadata[RANGE].describe(hint is int or typing.get_args(hint)[:1] == (int,))
+        what = f"a list, each {what}" if origin is tuple else what
+    else:
+        what = "true or false" if hint is bool else getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} cannot be unset ({key}= or {key}=null): it takes {what}; give a value")
+
+
+def unset_nulls(values: Any, schema: type, prefix: str = "") -> Any:
+    """``values`` (plain dicts, as parsed from YAML or ``key=value``) with every null replaced by what unsetting that
+    key of dataclass ``schema`` means (:func:`_empty_value`), recursing into nested sections; a key that cannot be
+    unset (a number, a flag, an enumerated choice) is a :class:`ConfigError` naming it. Unknown keys are kept for the
+    merge to report."""
+    if not isinstance(values, dict) or not dataclasses.is_dataclass(schema):
+        return values
+    try:
+        hints = typing.get_type_hints(schema)
+    except (NameError, TypeError):  # an annotation that cannot be resolved: leave the nulls to OmegaConf's message
+        return values
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    out = {}
+    for key, value in values.items():
+        f, hint = fields.get(key), hints.get(key)
+        if f is not None and value is None:
+            value = _empty_value(hint, f, prefix + key)
+        elif f is not None and isinstance(hint, type) and dataclasses.is_dataclass(hint):
+            value = unset_nulls(value, hint, f"{prefix}{key}.")
+        out[key] = value
+    return out
+
+
+def _nulls_unset(layer: DictConfig) -> DictConfig:
+    """One config layer (a YAML file or the overrides) with :func:`unset_nulls` applied against :class:`Config`."""
+    values = OmegaConf.to_container(layer, resolve=False)
+    return OmegaConf.create(unset_nulls(values, Config)) if isinstance(values, dict) else layer
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- ``key=value`` overrides, type-checked against :class:`Config`, every range and
     choice checked (:func:`check_fields`), the method's options included."""
@@ -280,12 +376,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
-        layers.append(OmegaConf.load(path))
+        layers.append(_nulls_unset(OmegaConf.load(path)))
     bad = [o for o in overrides or [] if "=" not in o]
     if bad:
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     if overrides:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        layers.append(_nulls_unset(OmegaConf.from_dotlist(list(overrides))))
     try:
         merged = OmegaConf.merge(*layers)
     except OmegaConfBaseException as err:
@@ -309,6 +405,7 @@ def options_from_dict(schema: type, values: dict[str, Any], where: str, prefix: 
     unknown = sorted(set(values) - set(valid))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown} for {where}; valid options: {', '.join(valid) or '(none)'}")
+    values = unset_nulls(values, schema, prefix)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
     except OmegaConfBaseException as err:

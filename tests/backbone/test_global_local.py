@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -145,3 +147,19 @@ def test_global_local_grad_checkpointing_gives_same_outputs_and_gradients(tiny) 
         results.append((out.pooled.detach(), *grads))
     for plain, checkpointed in zip(results[0], results[1]):
         assert torch.allclose(plain, checkpointed, atol=1e-5)
+
+
+def test_factorised_block_uses_the_attention_input_bias(tiny) -> None:
+    """open_clip initialises ``in_proj_bias`` to zero, which hides a dropped bias; trained weights have one."""
+    block = copy.deepcopy(tiny.vision.blocks[0])
+    with torch.no_grad():
+        block.attn.in_proj_bias.normal_(0.0, 0.5)
+    batch, frames, length, width, globals_ = 2, 2, 4, tiny.vision_width, 3
+    g = torch.randn(batch, globals_, width)
+    f = torch.randn(batch * frames, length, width)
+    with torch.no_grad():
+        g_out, f_out = run_global_local_block(block, g, f)
+        seq = torch.cat([g, f.reshape(batch, frames * length, width)], dim=1)
+        dense = run_block(block, seq, dense_mask(globals_, frames, length))
+    assert torch.allclose(g_out, dense[:, :globals_], atol=1e-5)
+    assert torch.allclose(f_out.reshape(batch, frames * length, width), dense[:, globals_:], atol=1e-5)

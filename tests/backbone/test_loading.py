@@ -151,3 +151,164 @@ def test_shipped_weights_load_on_the_gpu():
         expected = cpu.encode_text(tokens)
         got = gpu.encode_text(tokens.cuda()).cpu()
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+# ---- a run directory as a backbone ------------------------------------------------------------------------------
+def _train_run(root: Path, out: Path, name: str, *overrides: str) -> Path:
+    from vlprompt.config import load_config
+    from vlprompt.engine import train
+
+    cfg = load_config(None, ["method.name=finetune", "backbone.pretrained=null", f"data.root={root}",
+                             "data.train=train.json", "data.test=test.json", "train.epochs=1", "train.batch_size=8",
+                             "train.eval_every=0", f"out_dir={out}", f"run_name={name}", *overrides])  # fmt: skip
+    train(cfg, progress=False)
+    return out / name
+
+
+def _checkpoint_tensors(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from vlprompt.engine.checkpoint import latest_checkpoint
+
+    return load_file(str(latest_checkpoint(run) / "trainable.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def finetuned(image_text_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A full fine-tuning run (every CLIP weight trained, from random init)."""
+    return _train_run(image_text_set, tmp_path_factory.mktemp("runs"), "ft")
+
+
+def test_a_full_fine_tuning_run_directory_is_a_backbone(finetuned):
+    trained = _checkpoint_tensors(finetuned)
+    torch.manual_seed(123)  # another random init: equality below means the run's tensors were loaded
+    backbone = vlprompt.load_backbone("vlprompt-tiny", pretrained=str(finetuned))
+    state = backbone.model.state_dict()
+    assert {loading.RUN_MODEL_PREFIX + k for k in state} == set(trained)  # finetune saved the whole CLIP
+    for key, value in state.items():
+        assert torch.equal(value, trained[loading.RUN_MODEL_PREFIX + key]), key
+    assert loading.run_backbone(finetuned) == ("vlprompt-tiny", None)
+
+
+def test_a_run_chain_takes_each_runs_trained_tower(finetuned, image_text_set, tmp_path):
+    # fine-tune only the text tower, starting from the full fine-tuning run: vision weights come from that run
+    second = _train_run(image_text_set, tmp_path, "text_only", f"backbone.pretrained={finetuned}",
+                        "method.tower=text")  # fmt: skip
+    first, own = _checkpoint_tensors(finetuned), _checkpoint_tensors(second)
+    assert own and not any(k.startswith("backbone.model.visual.") for k in own)
+    state = vlprompt.load_backbone("vlprompt-tiny", pretrained=str(second)).model.state_dict()
+    for key, value in state.items():
+        source = own if loading.RUN_MODEL_PREFIX + key in own else first
+        assert torch.equal(value, source[loading.RUN_MODEL_PREFIX + key]), key
+    moved = [k for k in own if not torch.equal(own[k], first[k])]
+    assert moved  # the second run did train: its text tower differs from the first run's
+
+
+def test_the_full_model_exports_as_an_open_clip_checkpoint(finetuned, tmp_path):
+    expected = vlprompt.load_backbone("vlprompt-tiny", pretrained=str(finetuned)).model.state_dict()
+    path = loading.save_open_clip_checkpoint(vlprompt.load_backbone("vlprompt-tiny", str(finetuned)).model,
+                                             tmp_path / "ft.safetensors")  # fmt: skip
+    loading.register_model_configs()
+    torch.manual_seed(7)
+    model = open_clip.create_model_and_transforms("vlprompt-tiny", pretrained=str(path))[0]  # open_clip alone
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_a_prompt_run_is_not_a_backbone(image_text_set, tmp_path):
+    run = _train_run(image_text_set, tmp_path, "coop", "method.name=coop")
+    with pytest.raises(
+        WeightsUnavailableError, match=r"trained no CLIP weights .*context\.ctx.*unchanged vlprompt-tiny"
+    ):
+        vlprompt.load_backbone("vlprompt-tiny", pretrained=str(run))
+
+
+def test_run_directory_errors_say_what_is_wrong(finetuned, tmp_path):
+    with pytest.raises(WeightsUnavailableError, match=r"trained backbone 'vlprompt-tiny', not 'vlprompt-small': set "
+                       r"backbone\.name=vlprompt-tiny"):  # fmt: skip
+        vlprompt.load_backbone("vlprompt-small", pretrained=str(finetuned))
+    with pytest.raises(WeightsUnavailableError, match="is a folder but not a run directory"):
+        vlprompt.load_backbone("vlprompt-tiny", pretrained=str(tmp_path))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text((finetuned / "config.yaml").read_text())
+    with pytest.raises(WeightsUnavailableError, match=r"unfinished has no checkpoint"):
+        vlprompt.load_backbone("vlprompt-tiny", pretrained=str(unfinished))
+    import shutil
+
+    killed = tmp_path / "killed"
+    shutil.copytree(finetuned, killed)
+    (killed / "metrics.json").unlink()
+    with pytest.raises(WeightsUnavailableError, match=r"killed has not finished \(no metrics.json\).*resume=true"):
+        vlprompt.load_backbone("vlprompt-tiny", pretrained=str(killed))
+    loop = tmp_path / "loop"
+    shutil.copytree(finetuned, loop)
+    text = (loop / "config.yaml").read_text()
+    (loop / "config.yaml").write_text(text.replace("pretrained: null", f"pretrained: {loop}"))
+    with pytest.raises(WeightsUnavailableError, match="loops back"):
+        vlprompt.load_backbone("vlprompt-tiny", pretrained=str(loop))
+
+
+# ---- offline: fail at once, naming the file, instead of a minute of hub retries ------------------------------
+def _empty_hub_cache(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # whatever this machine has cached is not used
+    return constants
+
+
+def test_hf_hub_offline_fails_in_seconds_and_names_the_download(monkeypatch, tmp_path):
+    import time
+
+    constants = _empty_hub_cache(monkeypatch, tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # as when the variable is set after the hub's import
+    monkeypatch.setattr(loading, "_hub_answers", lambda endpoint: pytest.fail("no network check: the env says"))
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as info:
+        loading.create_clip("RN50", "openai")
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    assert open_clip.get_pretrained_cfg("RN50", "openai")["hf_hub"] in message and "HF_HUB_OFFLINE is set" in message
+    assert constants.HF_HUB_OFFLINE is False  # the hub's own switch is restored afterwards
+
+
+def test_an_unreachable_hub_counts_as_offline(monkeypatch, tmp_path):
+    import time
+
+    constants = _empty_hub_cache(monkeypatch, tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    asked = []
+    monkeypatch.setattr(loading, "_hub_answers", lambda endpoint: asked.append(endpoint) or False)
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError, match="did not answer within") as info:
+        loading.create_clip("RN50", "openai")
+    assert time.perf_counter() - start < 5 and asked and "resnet50_clip.openai" in str(info.value)
+    # local weights, random init and unknown tags never ask the hub
+    asked.clear()
+    loading.create_clip("vlprompt-tiny", "world")
+    loading.create_clip("vlprompt-tiny", None)
+    with pytest.raises(WeightsUnavailableError, match="no pretrained tag"):
+        loading.create_clip("RN50", "no-such-tag")
+    assert not asked
+
+
+def test_the_hub_check_is_one_short_request(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    calls = []
+
+    def refuse(request, timeout):
+        calls.append((request.get_method(), timeout))
+        raise urllib.error.URLError("unreachable")
+
+    loading._hub_answers.cache_clear()
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    try:
+        assert loading._hub_answers("https://hub.invalid") is False
+        assert loading._hub_answers("https://hub.invalid") is False  # asked once per process
+    finally:
+        loading._hub_answers.cache_clear()
+    assert calls == [("HEAD", loading.HUB_CHECK_SECONDS)]

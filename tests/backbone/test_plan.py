@@ -123,3 +123,15 @@ def test_span_helpers_cast_wider_tokens_down_to_the_sequence_dtype():
     assert write_tokens(x, tokens, 1, "replace").dtype == torch.float32
     assert write_tokens(x, tokens, 1, "add").dtype == torch.float32
     assert insert_tokens(x, tokens, 1).dtype == torch.float32
+
+
+def test_batched_tiles_per_frame_tokens_video_major():
+    """Per-frame tokens ``[T, n, D]`` for frames flattened as ``B*T`` (video-major): row ``b*T + t`` gets frame t's."""
+    tokens = torch.randn(2, 1, 3)  # T = 2 frames, one token each
+    out = batched(tokens, 6)  # B = 3 videos
+    assert out.shape == (6, 1, 3)
+    for b in range(3):
+        for t in range(2):
+            assert torch.equal(out[b * 2 + t], tokens[t])
+    with pytest.raises(ValueError, match="batch 4"):
+        batched(torch.randn(4, 2, 3), 6)

@@ -494,7 +494,7 @@ def test_grad_checkpointing_gives_same_outputs_and_gradients(monkeypatch, images
 def test_masks_take_the_requested_dtype():
     """Bool and float masks become additive masks of the hidden states' dtype (float64 here, not the default)."""
     allowed = torch.tensor([[True, False], [True, True]])
-    out = towers_module.combine_masks(allowed, torch.zeros(2, 2), dtype=torch.float64)
+    out = towers_module.combine_masks(allowed, dtype=torch.float64)
     assert out.dtype == torch.float64
     assert out[0, 1] == float("-inf") and out[0, 0] == 0.0
     assert towers_module.combine_masks(torch.zeros(2, 2), dtype=torch.float64).dtype == torch.float64
@@ -521,3 +521,82 @@ def test_project_tokens_without_a_projection_is_ln_post_only(tiny):
     finally:
         tower.visual.proj = proj
     assert torch.allclose(out, tower.visual.ln_post(x), atol=ATOL)
+
+
+def test_project_tokens_is_ln_post_and_projection_of_every_token(tiny):
+    """``project_tokens`` applies ``ln_post`` and ``proj`` to each token: its CLS row is the pooled embedding."""
+    x = torch.randn(2, 5, tiny.vision_width)
+    out = tiny.vision.project_tokens(x)
+    v = tiny.vision.visual
+    assert out.shape == (2, 5, tiny.embed_dim)
+    assert torch.allclose(out, v.ln_post(x) @ v.proj, atol=ATOL)
+    assert torch.allclose(out[:, 0], tiny.vision.project(x), atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "pool_type,expected",
+    [("argmax", [3, 1]), ("eos", [2, 1]), ("last", [4, 4]), ("first", [0, 0])],
+)
+def test_text_pool_positions_per_pool_type(tiny, pool_type, expected):
+    """argmax: the highest id (CLIP's end-of-text); eos: the first ``eos_id``; last: the final position; others: 0."""
+    tower = tiny.text
+    saved = tower.pool_type, tower.eos_id
+    tokens = torch.tensor([[1, 4, 7, 9, 7], [2, 7, 3, 0, 0]])  # eos_id 7 first at 2 and 1; max id at 3 and 1
+    try:
+        tower.pool_type, tower.eos_id = pool_type, 7
+        assert tower.pool_positions(tokens).tolist() == expected
+    finally:
+        tower.pool_type, tower.eos_id = saved
+
+
+def test_text_tower_reads_a_custom_text_clips_text_transformer():
+    """CustomTextCLIP keeps its text transformer under ``model.text``; the tower must encode it like open_clip."""
+    torch.manual_seed(0)
+    vision_cfg = dict(layers=1, width=64, patch_size=32, image_size=64, head_width=32)
+    text_cfg = dict(context_length=16, vocab_size=100, width=64, heads=2, layers=2)
+    model = open_clip.CustomTextCLIP(32, vision_cfg, text_cfg)
+    model.eval()
+    tokens = torch.randint(1, 99, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(towers_module.TextTower(model)(tokens).pooled, model.encode_text(tokens), atol=ATOL)
+
+
+def test_towers_refuse_modules_they_cannot_loop_over():
+    only_conv = torch.nn.Module()
+    only_conv.conv1 = torch.nn.Conv2d(3, 4, 2)  # e.g. a ResNet: a stem but no transformer
+    with pytest.raises(TypeError, match="VisionTransformer"):
+        towers_module.VisionTower(only_conv)
+    no_embedding = torch.nn.Module()  # neither token_embedding nor cls_emb
+    with pytest.raises(TypeError, match="CLIP text transformer"):
+        towers_module.TextTower(no_embedding)
+
+
+@pytest.mark.parametrize(
+    "custom,text_extra",
+    [
+        (False, dict(pool_type="last", no_causal_mask=True)),  # SigLIP-style: last token, full attention
+        (False, dict(pool_type="eos", eos_id=3)),
+        (True, dict(pool_type="eos", eos_id=3)),
+        (True, dict(pool_type="last")),
+    ],
+)
+def test_text_tower_pools_the_token_open_clip_pools(custom, text_extra):
+    """The pooled token (first ``eos_id``, last position, ...) and the causal mask are read from the model's config
+    (``text_pool_type`` / ``pool_type``, ``text_eos_id`` / ``eos_id``, ``attn_mask``), CLIP and CustomTextCLIP
+    alike. The captions put the largest id, the end-of-text id and the last position in different places."""
+    torch.manual_seed(0)
+    vision_cfg = dict(layers=1, width=64, patch_size=32, image_size=64, head_width=32)
+    text_cfg = dict(context_length=8, vocab_size=50, width=64, heads=2, layers=2, **text_extra)
+    model = (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(32, vision_cfg, text_cfg).eval()
+    tokens = torch.tensor([[1, 5, 3, 9, 0, 0, 0, 0], [1, 3, 4, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        assert torch.allclose(towers_module.TextTower(model)(tokens).pooled, model.encode_text(tokens), atol=ATOL)
+
+
+def test_text_tower_refuses_cls_token_and_padding_mask_text_models():
+    for attr in ("cls_emb", "use_pad_mask"):
+        text = torch.nn.Module()
+        text.token_embedding = torch.nn.Embedding(4, 2)
+        setattr(text, attr, torch.nn.Parameter(torch.zeros(2)) if attr == "cls_emb" else True)
+        with pytest.raises(TypeError):
+            towers_module.TextTower(text)

@@ -67,3 +67,44 @@ def test_missing_annotation_file_names_it(tmp_path: Path, capsys) -> None:
 def test_python_dash_m_entry_point() -> None:
     out = subprocess.run([sys.executable, "-m", "vlprompt", "--help"], capture_output=True, text=True, check=True)
     assert "train" in out.stdout and "metrics" in out.stdout
+
+
+def test_pretrain_a_config_then_use_the_run_as_a_backbone(image_text_set: Path, tmp_path: Path, capsys) -> None:
+    prompt_cfg = _write_config(tmp_path / "coop.yaml", image_text_set, tmp_path / "runs")
+    cfg = tmp_path / "full.yaml"
+    cfg.write_text(prompt_cfg.read_text().replace("name: coop\n  n_ctx: 2", "name: finetune"))
+    export = tmp_path / "full.safetensors"
+    assert main(["pretrain", str(cfg), "data.val=", "--export", str(export), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "full"
+    assert f"backbone.pretrained={run}" in out and export.is_file()
+    # the run directory and the exported file are the same backbone for the next (prompt) run
+    for pretrained in (run, export):
+        assert main(["params", str(prompt_cfg), f"backbone.pretrained={pretrained}", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["trainable"] == 2 * 128
+
+
+def test_pretrain_takes_a_config_or_the_world(tmp_path: Path, capsys) -> None:
+    assert main(["pretrain"]) == 2
+    assert "give either a CONFIG" in capsys.readouterr().err
+    assert main(["pretrain", "c.yaml", "--world", str(tmp_path)]) == 2
+    assert "give either a CONFIG" in capsys.readouterr().err
+
+
+def test_pretrain_the_embedded_model_on_the_world(small_world: Path, tmp_path: Path, capsys) -> None:
+    args = ["pretrain", "--model", "vlprompt-tiny", "--world", str(small_world), "--steps", "2", "--batch-size", "16",
+            "--out", str(tmp_path / "models"), "--runs", str(tmp_path / "runs"), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert (tmp_path / "models" / "vlprompt-tiny.safetensors").is_file()
+    assert "test_sketch" in capsys.readouterr().out
+
+
+def test_eval_out_writes_a_run_directory_that_report_reads(image_text_set: Path, tmp_path: Path, capsys) -> None:
+    cfg = _write_config(tmp_path / "zs.yaml", image_text_set, tmp_path / "runs")
+    out = tmp_path / "runs" / "zeroshot"
+    cfg.write_text(cfg.read_text().replace("name: coop\n  n_ctx: 2", "name: zeroshot"))
+    assert main(["eval", str(cfg), "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "metrics.json").read_text())["test"] == printed
+    assert main(["report", str(out), "--out", str(tmp_path / "report.html")]) == 0
+    assert "zeroshot" in (tmp_path / "report.html").read_text()

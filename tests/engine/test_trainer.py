@@ -183,3 +183,32 @@ def test_bad_config_values_stop_train_before_any_work(image_text_set: Path, tmp_
     with pytest.raises(ConfigError, match=r"^train\.batch_size = 0: must be an integer >= 1$"):
         train(_cfg(image_text_set, tmp_path, "zero_batch", "train.batch_size=0"), progress=False)
     assert not (tmp_path / "zero_batch").exists()
+
+
+@pytest.mark.parametrize("eval_every", [0, 1])
+def test_validation_file_is_read_only_when_the_run_validates(
+    image_text_set: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, eval_every: int
+) -> None:
+    from vlprompt.engine import trainer
+    from vlprompt.errors import DataError
+
+    steps: list[int] = []
+    real_step = trainer.optimizer_step
+    monkeypatch.setattr(trainer, "optimizer_step", lambda *args: (steps.append(1), real_step(*args)))
+    # a template's validation file that this dataset does not have
+    cfg = _cfg(image_text_set, tmp_path, f"noval{eval_every}", "data.val=no_such_val.json", "train.epochs=1",
+               f"train.eval_every={eval_every}")  # fmt: skip
+    if eval_every:  # validating reads it: an error before the first step
+        with pytest.raises(DataError, match="no_such_val.json"):
+            train(cfg, progress=False)
+        assert steps == []
+        return
+    result = train(cfg, progress=False)  # eval_every=0: never validated, so never read
+    assert steps and "val" not in result and "t2i/R@1" in result["test"]
+    assert not (tmp_path / "noval0" / "metrics.jsonl").exists()
+
+
+def test_eval_every_at_least_epochs_validates_once_at_the_end(image_text_set: Path, tmp_path: Path) -> None:
+    result = train(_cfg(image_text_set, tmp_path, "endval", "train.eval_every=2"), progress=False)
+    epochs = [json.loads(line) for line in (tmp_path / "endval" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [2] and "t2i/R@1" in result["val"]

@@ -118,7 +118,11 @@ def test_tta_command_on_the_small_world(small_world: Path, tmp_path: Path, capsy
             "tta.max_samples=2", "tta.steps=1", "--json", "--quiet"]  # fmt: skip
     assert main(args) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert metrics["samples"] == 2 and "t2i/R@1" in metrics and metrics["seconds_per_sample"] > 0
+    assert metrics["samples"] == 2 and "t2i/R@1" in metrics and metrics["seconds_adapt_per_sample"] > 0
+    # total = setup (gallery and reward features) + the per-sample loop; the old names are gone
+    loop = metrics["seconds_adapt_per_sample"] * metrics["samples"]
+    assert metrics["seconds_total"] == pytest.approx(metrics["seconds_setup"] + loop)
+    assert metrics["seconds_setup"] > 0 and not {"seconds", "seconds_per_sample"} & set(metrics)
     assert json.loads((tmp_path / "tta_rlcf_t2i" / "metrics.json").read_text())["samples"] == 2
 
 

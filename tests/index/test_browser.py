@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+from headless_chromium import CHROMIUM, launch
+
 pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -26,11 +27,6 @@ if not CHROMIUM.exists():
 from vlprompt.index.build import build_index  # noqa: E402
 from vlprompt.index.search import SearchIndex  # noqa: E402
 from vlprompt.index.service import create_app  # noqa: E402
-
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +70,7 @@ def _loaded_image_sizes(page, timeout: float = 20.0) -> list[list[int]]:
 def test_search_page_in_headless_chromium(server: str, tmp_path: Path) -> None:
     errors: list[str] = []
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-        )
+        browser = launch(p, tmp_path / "profile")
         try:
             page = browser.new_page()
             page.set_default_timeout(20_000)

@@ -218,3 +218,45 @@ def test_training_step_changes_only_trainable_tensors(tiny, name):
         assert id(tensor) in trainable_ids, f"{key} changed but is not trainable"
     for key in trainable:
         assert key in changed, f"{key} did not change"
+
+
+def test_vpt_deep_inserts_layer_0_tokens_after_ln_pre_and_replaces_them_at_every_later_layer(tiny_shared):
+    """VPT-deep: slice 0 inserted (after ``ln_pre``, after CLS), slice l replaces the prompt span before block l for
+    every l in 1..depth-1 (replace, not add); text untouched. ``depth=1`` is VPT-shallow."""
+    layers = tiny_shared.vision.num_layers
+    method = build_method({"name": "vpt", "n_tokens": 3}, tiny_shared)
+    plans = method.plans()
+    tokens = method.prompts.tokens
+    assert plans.text is None
+    image = plans.image
+    assert torch.equal(image.insert, tokens[0]) and image.start == 1 and not image.insert_before_ln_pre
+    assert sorted(image.replace) == list(range(1, layers)) and not image.add
+    for layer in range(1, layers):
+        assert torch.equal(image.replace[layer], tokens[layer])
+    shallow = build_method({"name": "vpt", "n_tokens": 3, "depth": 1}, tiny_shared).plans().image
+    assert shallow.insert.shape == (3, tiny_shared.vision_width) and not shallow.replace
+
+
+def test_coop_replaces_the_placeholder_words_at_text_layer_0_only(tiny_shared):
+    method = build_method({"name": "coop", "n_ctx": 3, "ctx_init": ""}, tiny_shared)
+    plans = method.plans()
+    assert plans.image is None and method.n_placeholders == 3
+    assert list(plans.text.replace) == [0] and plans.text.insert is None and not plans.text.add
+    assert torch.equal(plans.text.replace[0], method.context.ctx) and plans.text.start == 1
+
+
+def test_maple_couples_each_layers_vision_prompts_to_its_text_prompts(tiny_shared):
+    """MaPLe: text prompts replace the context at layers 0..J-1; vision prompts W_l t_l + b_l are inserted before
+    ``ln_pre`` at layer 0 and replace the span at layers 1..J-1."""
+    depth = min(tiny_shared.vision.num_layers, tiny_shared.text.num_layers)
+    method = build_method({"name": "maple", "n_ctx": 2, "depth": depth, "ctx_init": ""}, tiny_shared)
+    plans = method.plans()
+    text, vision = plans.text, plans.image
+    assert sorted(text.replace) == list(range(depth)) and text.insert is None
+    assert vision.insert_before_ln_pre and sorted(vision.replace) == list(range(1, depth))
+    texts = [method.prompts.ctx.ctx, *method.prompts.deep_text.tokens]
+    for layer in range(depth):
+        assert torch.equal(text.replace[layer], texts[layer])
+        coupled = method.prompts.couplers[layer](texts[layer])
+        got = vision.insert if layer == 0 else vision.replace[layer]
+        assert torch.allclose(got, coupled, atol=1e-6)

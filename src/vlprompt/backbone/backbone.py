@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vlprompt.backbone.loading import create_clip
+from vlprompt.backbone.embedded import watch_vocabulary
+from vlprompt.backbone.loading import create_clip, hub_offline_mode, hub_offline_reason
 from vlprompt.backbone.plan import PromptPlan
 from vlprompt.backbone.towers import TextTower, VisionTower
 from vlprompt.errors import WeightsUnavailableError
@@ -136,7 +137,9 @@ def load_backbone(
     """
     model, pre_train, pre_val = create_clip(name, pretrained, device=device, precision=precision)
     try:
-        tokenizer = open_clip.get_tokenizer(name)
+        with hub_offline_mode(name.startswith("hf-hub:") and hub_offline_reason() is not None):
+            tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:  # hub tokenizers need their config files, which may not be on this machine
         raise WeightsUnavailableError(f"could not load the tokenizer of {name}: {err}") from err
+    tokenizer = watch_vocabulary(tokenizer, model, name)  # a world-vocabulary model warns on text it cannot read
     return Backbone(model, tokenizer, pre_train, pre_val, name=name, pretrained=pretrained)

@@ -4,17 +4,29 @@ The embedded models only ever read the world's small vocabulary, so the 49,408-r
 is stored sparsely: the rows of the tokens the world uses, the rest zero. Tensors are stored in
 fp16 to keep everything shipped under 25 MB; they load into the model's dtype. The metrics in the
 model cards are measured on exactly this stored form.
+
+Text outside that vocabulary embeds as zero vectors, so such a model is blind to it. :func:`watch_vocabulary`
+wraps the tokenizer of a model whose token table is mostly zero rows and warns once, loudly, when the text it
+reads is mostly unknown to it (real captions on a world model), instead of letting it score at chance silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
+
+log = logging.getLogger("vlprompt.backbone")
+
+#: Share of a restricted-vocabulary model's text tokens it has no row for, above which it warns (world captions
+#: have none; real captions on a world model have over half).
+UNKNOWN_SHARE_WARNING = 0.2
 
 ROWS_KEY = "token_embedding.rows"
 VALUES_KEY = "token_embedding.values"
@@ -62,3 +74,69 @@ def load_embedded_weights(model: nn.Module, path: Path) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def known_token_rows(model: nn.Module) -> Tensor | None:
+    """Which token ids have a (non-zero) embedding row, as a CPU bool ``[vocab]``, when most rows are zero (the
+    embedded models' sparse storage, or a model trained from one); None for a full vocabulary."""
+    table = model.state_dict().get(_embedding_name(model))
+    if table is None or table.dim() != 2:
+        return None  # a Hugging Face text tower: not a CLIP token table
+    known = table.detach().abs().amax(dim=1).ne(0).cpu()
+    return known if int(known.sum()) < known.numel() // 2 else None
+
+
+class VocabularyWatch:
+    """A tokenizer that counts, over every text it tokenizes, the tokens its model has no embedding for, and logs
+    one WARNING when they exceed ``threshold`` of the tokens seen (start/end and padding not counted). Everything
+    else is the wrapped tokenizer's."""
+
+    def __init__(self, tokenizer: Callable[..., Tensor], known: Tensor, model_name: str, threshold: float) -> None:
+        self.tokenizer, self.known, self.model_name, self.threshold = tokenizer, known, model_name, threshold
+        self.special = torch.tensor([0, *getattr(tokenizer, "all_special_ids", ())], dtype=torch.long)
+        self.seen = self.unknown = 0
+        self.examples: list[int] = []
+        self.warned = False
+
+    def __call__(self, texts: Any, *args: Any, **kwargs: Any) -> Tensor:
+        tokens = self.tokenizer(texts, *args, **kwargs)
+        if not self.warned:
+            self.count(tokens)
+        return tokens
+
+    def count(self, tokens: Tensor) -> None:
+        """Add a batch of token ids to the tally; warn once the unknown share passes the threshold."""
+        ids = tokens.detach().cpu().long().flatten()
+        ids = ids[~torch.isin(ids, self.special)]
+        unknown = ids[~self.known[ids.clamp(0, self.known.numel() - 1)] | (ids >= self.known.numel())]
+        self.seen += ids.numel()
+        self.unknown += unknown.numel()
+        self.examples += [i for i in unknown.unique().tolist() if i not in self.examples][: 8 - len(self.examples)]
+        if self.seen and self.unknown / self.seen > self.threshold:
+            self.warned = True
+            log.warning(self.message())
+
+    def message(self) -> str:
+        """What the warning says: the share, examples, why it matters and what to do."""
+        decode = getattr(self.tokenizer, "decode", None)
+        words = [decode([i]).strip() for i in self.examples] if decode else [str(i) for i in self.examples]
+        return (
+            f"{self.model_name} knows only {int(self.known.sum())} of {self.known.numel():,} tokens (the embedded "
+            f"world's vocabulary); {100 * self.unknown / self.seen:.0f}% of the {self.seen:,} text tokens it has "
+            f"read have no embedding (e.g. {', '.join(repr(w) for w in words[:5])}) and count as zero vectors, so "
+            "its text scores on this data are near chance. Use an open_clip model with real weights, e.g. "
+            "backbone.name=ViT-B-32 backbone.pretrained=openai (--model ViT-B-32 --pretrained openai)."
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "tokenizer":  # copy/pickle protocol, and no recursion before __init__
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+
+def watch_vocabulary(
+    tokenizer: Callable[..., Tensor], model: nn.Module, model_name: str, threshold: float = UNKNOWN_SHARE_WARNING
+) -> Callable[..., Tensor]:
+    """``tokenizer`` wrapped in a :class:`VocabularyWatch` when ``model`` has a restricted vocabulary, else as is."""
+    known = known_token_rows(model)
+    return tokenizer if known is None else VocabularyWatch(tokenizer, known, model_name, threshold)

@@ -1,4 +1,5 @@
-"""``vlprompt eval RUN_DIR_OR_CONFIG [key=value ...]``: evaluate a trained run or a config (zero-shot)."""
+"""``vlprompt eval RUN_DIR_OR_CONFIG [key=value ...] [--out RUN_DIR]``: evaluate a trained run or a config
+(zero-shot), optionally recording the result as a run directory for ``vlprompt report``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from vlprompt.cli.common import print_metrics
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a run directory or a config", description=__doc__)
-    p.add_argument("target", help="a run directory (uses its config.yaml and last checkpoint) or a YAML config")
+    p.add_argument("target", help="a run directory (its config.yaml and last checkpoint), an exported folder "
+                   "(`vlprompt export`), hf-hub:ORG/NAME, or a YAML config")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     p.add_argument("--split", default="test", choices=["val", "test"], help="which annotation file to evaluate")
     p.add_argument(
@@ -26,6 +28,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--official-ndcg", action="store_true", help="reproduce the RVLR reference code's NDCG quirks (see eval/ndcg)"
     )
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="RUN_DIR",
+        help="also write a run directory (config.yaml, env.json, metrics.json as a training run's) that "
+        "`vlprompt report` reads, e.g. a zero-shot baseline beside trained runs",
+    )
     p.add_argument("--json", action="store_true", help="print metrics as JSON")
     p.set_defaults(func=run)
 
@@ -34,7 +43,15 @@ def run(args: argparse.Namespace) -> int:
     from vlprompt.engine.runner import evaluate_target
 
     metrics = evaluate_target(
-        args.target, args.overrides, args.split, args.protocol, args.relevance, official_ndcg=args.official_ndcg
+        args.target,
+        args.overrides,
+        args.split,
+        args.protocol,
+        args.relevance,
+        official_ndcg=args.official_ndcg,
+        out=args.out,
     )
     print_metrics(metrics, args.json, title=f"{args.target} ({args.split})")
+    if args.out and not args.json:
+        print(f"wrote run directory {args.out}")
     return 0

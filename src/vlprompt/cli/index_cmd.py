@@ -3,12 +3,12 @@
 ``vlprompt index build --model RUN_DIR_OR_CONFIG_OR_BACKBONE --data DATA --out INDEX_DIR [key=value ...]``
 
 ``--data`` is a run directory or YAML config (its ``data`` section; ``--split`` picks the file, default test), an
-annotation file (``--format``, default karpathy; ``--root``: the folder its paths are relative to, found
-automatically for Karpathy JSON), or a folder of images and videos. Without ``--data`` the model's config gives
-it. Building again with the same arguments resumes an interrupted extraction; another ``--kind`` reuses the
-embeddings. ``vlprompt index info INDEX_DIR`` describes an index and checks its caches (``--verify``: their
-checksums too); ``vlprompt index bench INDEX_DIR`` measures query latency and agreement with exact search, using
-the items' own captions as queries.
+annotation file (``--format``, default karpathy; ``--root``: the folder its paths are relative to; without it a
+Karpathy file's images resolve as in every command, see README "Real data layout"), or a folder of images and
+videos. Without ``--data`` the model's config gives it. Building again with the same arguments resumes an
+interrupted extraction; another ``--kind`` reuses the embeddings. ``vlprompt index info INDEX_DIR`` describes
+an index and checks its caches (``--verify``: their checksums too); ``vlprompt index bench INDEX_DIR`` measures
+query latency and agreement with exact search, using the items' own captions as queries.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("index", help="build a FAISS search index of a dataset", description=__doc__)
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     b = actions.add_parser("build", help="embed a dataset and build an index (resumable)")
-    b.add_argument("--model", required=True, help="run directory, YAML config, or backbone name (with --pretrained)")
+    b.add_argument("--model", required=True, help="run directory, exported folder, hf-hub:ORG/NAME, YAML config, "
+                   "or backbone name (with --pretrained)")
     b.add_argument("--pretrained", default=None, help="weights tag/path for a backbone name ('none' = random init)")
     b.add_argument("--data", default=None, help="config, run directory, annotation file or media folder")
     b.add_argument("--split", default="test", choices=["train", "val", "test"], help="which annotation file")

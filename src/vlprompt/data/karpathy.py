@@ -8,13 +8,19 @@ Two record shapes, both a JSON list of objects with extra keys allowed:
 Both readers accept both shapes: training expands caption lists into pairs, evaluation groups pairs by image.
 Images are identified by their resolved path (ALBEF keys training images by ``image_id``; for the published
 files the two agree).
+
+Relative image paths resolve against an image root (``data.root``; which root a config's split gets is decided in
+one place, :func:`vlprompt.data.sources.split_files`). The folder the annotation file itself implies
+(:func:`implied_image_root`) is checked against it: a split whose images exist under both as different files is
+an error, never a silent choice.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +48,10 @@ def read_annotations(ann_file: str | os.PathLike) -> list[Record]:
     except json.JSONDecodeError as e:
         raise DataError(f"{ann_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
     if not isinstance(records, list):
-        raise DataError(f"{ann_file}: expected a JSON list of records, got {type(records).__name__}")
+        raise DataError(
+            f"{ann_file}: not a Karpathy-style JSON list (expected a JSON list of records, "
+            f"got {type(records).__name__})"
+        )
     for i, rec in enumerate(records):
         problem = _record_problem(rec)
         if problem:
@@ -75,22 +84,99 @@ def _captions(rec: Record) -> list[str]:
     return list(cap) if isinstance(cap, list) else [cap]
 
 
+#: How many of a file's first relative image paths are looked for when finding the folder it implies.
+_PROBE_IMAGES = 16
+
+
+def _relative_images(records: Iterable[Record]) -> list[str]:
+    """The distinct relative image paths of ``records``, in file order."""
+    return list(dict.fromkeys(r["image"] for r in records if not Path(r["image"]).is_absolute()))
+
+
+def _find_image_root(ann_file: Path, records: Sequence[Record]) -> Path | None:
+    """The nearest folder, from the annotation file's own upwards, under which one of its first images exists."""
+    probe = _relative_images(records)[:_PROBE_IMAGES]
+    if not probe:
+        return None
+    for folder in [ann_file.parent, *ann_file.parent.parents]:
+        if any((folder / rel).is_file() for rel in probe):
+            return folder
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def _implied_image_root(path: str, mtime_ns: int, size: int) -> Path:
+    # keyed by the file's stat, so an edited file is read again
+    ann_file = Path(path)
+    return _find_image_root(ann_file, read_annotations(ann_file)) or ann_file.parent
+
+
+def implied_image_root(ann_file: str | os.PathLike) -> Path:
+    """The folder ``ann_file``'s relative image paths point into when no image root is given: its own folder, or
+    the nearest folder above it that holds its images (``world/retrieval/test.json`` -> ``world/``)."""
+    ann_file = Path(ann_file)
+    try:
+        stat = ann_file.stat()
+    except OSError as e:
+        raise DataError(f"annotation file not found: {ann_file}") from e
+    return _implied_image_root(str(ann_file), stat.st_mtime_ns, stat.st_size)
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """True when ``a`` and ``b`` name one folder (through links and relative spellings)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _clashing_images(relative: Sequence[str], root: Path, other: Path) -> list[str]:
+    """Relative paths that name one file under ``root`` and a different existing file under ``other``."""
+    clashes, top_exists = [], {}
+    for rel in relative:
+        top = Path(rel).parts[0]
+        if top not in top_exists:  # one stat per top-level name: a tree that is not there costs nothing
+            top_exists[top] = (other / top).exists()
+        if top_exists[top] and (other / rel).is_file() and (root / rel).is_file():
+            if not os.path.samefile(root / rel, other / rel):
+                clashes.append(rel)
+    return clashes
+
+
 def _load_kept(
-    ann_file: str | os.PathLike, image_root: str | os.PathLike, strict: bool, filter: RecordFilter | None
+    ann_file: str | os.PathLike,
+    image_root: str | os.PathLike,
+    strict: bool,
+    filter: RecordFilter | None,
+    check_ambiguity: bool = True,
 ) -> tuple[list[tuple[Path, Record]], BadSamples]:
     """Records that pass the filter and whose image exists, each with its resolved path."""
-    records = read_annotations(ann_file)
-    if filter is not None:
-        records = [r for r in records if filter(r)]
+    ann_file = Path(ann_file)
+    every = read_annotations(ann_file)
+    if not every:
+        raise DataError(f"{ann_file} holds no records (an empty list)")
+    records = [r for r in every if filter(r)] if filter is not None else every
     root = Path(image_root)
     # Path's "/" keeps an absolute right-hand side as-is, which is exactly the rule for absolute image paths.
     resolved = [(root / r["image"], r) for r in records]
     bad = BadSamples()
     missing = drop_missing((p for p, _ in resolved), bad, strict, source=str(ann_file))
     kept = [(p, r) for p, r in resolved if p not in missing]
+    implied = _find_image_root(ann_file, every) if check_ambiguity or not kept else None
+    elsewhere = implied is not None and not same_folder(implied, root)
     if not kept:
-        why = "the filter kept no records" if not records else f"none of the images exist under {root}"
-        raise DataError(f"{ann_file}: no usable records ({why})")
+        if not records:
+            raise DataError(f"{ann_file}: no usable records (the filter kept no records)")
+        hint = f"; they are under {implied}: give that folder as the image root (data.root)" if elsewhere else ""
+        raise DataError(f"{ann_file}: no usable records (none of the images exist under {root}{hint})")
+    if check_ambiguity and elsewhere:
+        clashes = _clashing_images(_relative_images(r for _, r in kept), root, implied)
+        if clashes:
+            raise DataError(
+                f"{ann_file}: {len(clashes)} of its images exist both under the image root {root} (data.root) "
+                f"and under {implied} (where the annotation file points) as different files, e.g. {clashes[0]!r}; "
+                "say which to use: data.images_from=root or data.images_from=annotation"
+            )
     if missing:
         # A wrong image_root shows up as many missing files; say where we looked.
         n_images = len({p for p, _ in resolved})
@@ -103,6 +189,7 @@ class ImageTextPairs(Dataset):
 
     ``filter`` sees each raw record (e.g. ``lambda r: r["category"] == task`` for one continual task). A sample
     whose image fails to decode comes back as ``None``; use :func:`~vlprompt.data.collate.collate_skip_none`.
+    ``check_ambiguity=False`` skips the check against the folder the annotation file implies (the caller chose).
     """
 
     def __init__(
@@ -112,8 +199,9 @@ class ImageTextPairs(Dataset):
         transform: Transform | None,
         strict: bool = False,
         filter: RecordFilter | None = None,
+        check_ambiguity: bool = True,
     ) -> None:
-        kept, self.bad_samples = _load_kept(ann_file, image_root, strict, filter)
+        kept, self.bad_samples = _load_kept(ann_file, image_root, strict, filter, check_ambiguity)
         self.transform = transform
         self.strict = strict
         index: dict[Path, int] = {}
@@ -159,9 +247,10 @@ def load_gallery(
     image_root: str | os.PathLike,
     strict: bool = False,
     filter: RecordFilter | None = None,
+    check_ambiguity: bool = True,
 ) -> RetrievalGallery:
     """Read a val/test file (or a train file, grouped by image) into a RetrievalGallery."""
-    kept, bad = _load_kept(ann_file, image_root, strict, filter)
+    kept, bad = _load_kept(ann_file, image_root, strict, filter, check_ambiguity)
     # Missing images were dropped above, so numbering here is dense and both link lists agree by construction.
     groups: dict[Path, list[Record]] = {}
     for path, rec in kept:

@@ -3,6 +3,12 @@
 Image-text formats yield ``(image, caption, index)`` pairs and ``(image, index)`` gallery items; video formats
 yield ``(frames, mask, caption, index)`` and ``(frames, mask, index)``. Everything else (the trainer, the
 evaluator) only looks at that shape.
+
+:func:`split_files` is the one rule for where a split's files are (every command goes through it): a relative
+``data.<split>`` path resolves against ``data.root`` (the working directory when it is empty); relative image
+paths inside a Karpathy file resolve against ``data.root`` when set, else against the folder the annotation file
+implies (its own, or the nearest one above it that holds its images). With ``data.root`` set, a split whose
+images also exist as different files where the annotation file is, is refused (``data.images_from`` chooses).
 """
 
 from __future__ import annotations
@@ -15,7 +21,14 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from vlprompt.data.karpathy import GalleryImages, ImageTextPairs, load_gallery
+from vlprompt.data.karpathy import (
+    GalleryImages,
+    ImageTextPairs,
+    RecordFilter,
+    RetrievalGallery,
+    implied_image_root,
+    load_gallery,
+)
 from vlprompt.data.media import BadSamples
 from vlprompt.data.video import VideoTransform
 from vlprompt.data.video_datasets import VIDEO_READERS, GalleryVideos, VideoTextPairs, read_video_split
@@ -54,16 +67,78 @@ def is_video_format(fmt: str) -> bool:
     return fmt in VIDEO_READERS
 
 
-def _path(data: Any, value: str) -> Path:
+def data_path(data: Any, value: str) -> Path:
+    """A path a ``data`` section names: absolute as written, relative under ``data.root`` (or the working folder)."""
     path = Path(value).expanduser()
-    return path if path.is_absolute() or not data.root else Path(data.root) / path
+    return path if path.is_absolute() or not data.root else Path(data.root).expanduser() / path
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """Where one Karpathy split's files are: its annotation file and the root of its relative image paths."""
+
+    annotation: Path
+    images: Path
+    check_ambiguity: bool  # also look where the annotation file is, and refuse different files there
+
+    def pairs(self, transform: Any, strict: bool = False, filter: RecordFilter | None = None) -> ImageTextPairs:
+        """Training pairs of this split."""
+        return ImageTextPairs(self.annotation, self.images, transform, strict, filter, self.check_ambiguity)
+
+    def gallery(self, strict: bool = False, filter: RecordFilter | None = None) -> RetrievalGallery:
+        """This split grouped by image (an evaluation gallery)."""
+        return load_gallery(self.annotation, self.images, strict, filter, self.check_ambiguity)
+
+
+def split_files(data: Any, split: str) -> SplitFiles:
+    """The annotation file of ``data.<split>`` and the folder its relative image paths resolve against.
+
+    ``data.images_from``: ``auto`` = ``data.root`` when set (checked against the folder the annotation file
+    implies), else that folder; ``root`` = ``data.root``, unchecked; ``annotation`` = the folder the annotation
+    file implies (:func:`~vlprompt.data.karpathy.implied_image_root`), whatever ``data.root`` says.
+    """
+    value = getattr(data, split)
+    if not value:
+        raise ConfigError(f"data.{split} is empty: no annotation file to read")
+    annotation = data_path(data, value)
+    how = getattr(data, "images_from", "auto")
+    if how == "root" and not data.root:
+        raise ConfigError("data.images_from=root needs data.root (the folder the image paths are relative to)")
+    if data.root and how != "annotation":
+        return SplitFiles(annotation, Path(data.root).expanduser(), check_ambiguity=how == "auto")
+    return SplitFiles(annotation, implied_image_root(annotation), check_ambiguity=False)
+
+
+def data_locations(data: Any) -> dict[str, Any]:
+    """Absolute locations of every split that ``data`` names (what a run directory records in ``env.json``):
+    Karpathy splits give their annotation file and image root, video splits their file and video folder, folder
+    formats (classification) the folder. A split that cannot be resolved records the reason instead."""
+    out: dict[str, Any] = {"root": str(Path(data.root).expanduser().resolve())} if data.root else {}
+    for split in ("train", "val", "test"):
+        value = getattr(data, split)
+        if not value:
+            continue
+        try:
+            if data.format == "karpathy":
+                files = split_files(data, split)
+                out[split] = {"annotation": str(files.annotation.resolve()), "images": str(files.images.resolve())}
+            elif is_video_format(data.format):
+                out[split] = {"annotation": value, "videos": str(_video_root(data).resolve())}
+            else:
+                out[split] = {"images": str(data_path(data, value).resolve())}
+        except (ConfigError, DataError) as err:  # the reader reports it when the run reads the split
+            out[split] = {"error": str(err)}
+    return out
+
+
+def _video_root(data: Any) -> Path:
+    return data_path(data, data.video_root) if data.video_root else Path(data.root) / "videos"
 
 
 def _video_split(data: Any, split: str, value: str):
     kwargs = {} if value == DEFAULT_SPLIT_FILE else {_override_key(data.format): value}
-    video_root = _path(data, data.video_root) if data.video_root else Path(data.root) / "videos"
     reader_split = {"val": "val", "test": "test", "train": "train"}[split]
-    return read_video_split(data.format, data.root, video_root, reader_split, **kwargs)
+    return read_video_split(data.format, data.root, _video_root(data), reader_split, **kwargs)
 
 
 def _override_key(fmt: str) -> str:
@@ -75,7 +150,7 @@ def _order_pairs(data: Any, video_ids: list[str]) -> list[tuple[int, int]] | Non
     """Index pairs from ``data.order_pairs`` (a JSON list of [video_id, video_id]) that are both in the gallery."""
     if not data.order_pairs:
         return None
-    path = _path(data, data.order_pairs)
+    path = data_path(data, data.order_pairs)
     try:
         raw = json.loads(path.read_text())
         index = {v: i for i, v in enumerate(video_ids)}
@@ -94,7 +169,7 @@ def train_set(data: Any, spec: VisualSpec, seed: int = 0) -> Dataset:
         return VideoTextPairs(split, data.num_frames, transform, mode="random", strict=data.strict, seed=seed)
     if data.format != "karpathy":
         raise ConfigError(f"data.format {data.format!r} is not a retrieval format; use karpathy or a video format")
-    return ImageTextPairs(_path(data, data.train), data.root, spec.image_train, strict=data.strict)
+    return split_files(data, "train").pairs(spec.image_train, strict=data.strict)
 
 
 def eval_set(data: Any, split: str, spec: VisualSpec) -> EvalSet | None:
@@ -108,6 +183,6 @@ def eval_set(data: Any, split: str, spec: VisualSpec) -> EvalSet | None:
         s = videos.split
         pairs = _order_pairs(data, s.video_ids) if split == "test" else None
         return EvalSet(videos, s.captions, s.txt2vid, s.num_videos, ("t2v", "v2t"), videos.bad_samples, pairs)
-    gallery = load_gallery(_path(data, value), data.root, strict=data.strict)
+    gallery = split_files(data, split).gallery(strict=data.strict)
     images = GalleryImages(gallery, spec.image_eval, strict=data.strict)
     return EvalSet(images, gallery.captions, gallery.txt2img, gallery.num_images, ("t2i", "i2t"), images.bad_samples)

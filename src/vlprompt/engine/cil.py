@@ -51,7 +51,8 @@ from vlprompt.engine.continual import (
 from vlprompt.engine.evaluate import autocast_context
 from vlprompt.engine.progress import TrainProgress
 from vlprompt.engine.report import heatmap, html_table, write_report
-from vlprompt.engine.rundir import prepare_run_dir, run_dir_for, write_json
+from vlprompt.engine.rundir import prepare_run_dir, run_dir_for, tracked_run, write_json
+from vlprompt.engine.tracking import open_tracker
 from vlprompt.engine.trainer import epoch_order, make_schedule, resolve_device, seed_everything, visual_spec
 from vlprompt.errors import ConfigError
 from vlprompt.eval.cil import CIL_DEFINITIONS, summarize_cil
@@ -318,6 +319,7 @@ def write_cil_report(path: Path, results: dict[str, Any], title: str) -> Path:
     return write_report(path, title, sections)
 
 
+@tracked_run
 def run_class_incremental(
     cfg: Config,
     progress: bool = True,
@@ -333,7 +335,7 @@ def run_class_incremental(
     sets = read_cil_sets(cfg.data, cfg.cil)
     full = resolve_split(cfg, len(sets.classes), run_dir)
     split = full.truncated(cfg.cil.max_tasks) if cfg.cil.max_tasks else full
-    prepare_run_dir(cfg)
+    prepare_run_dir(cfg, resuming=cfg.resume and task_checkpoint(run_dir) is not None)
     write_json(run_dir / SPLIT_FILE, full.to_json())
     seed_everything(cfg.seed)
     method: ClassIncrementalMethod = build_continual_model(cfg, split.num_tasks, resolve_device(cfg.device))  # type: ignore[assignment]
@@ -345,7 +347,8 @@ def run_class_incremental(
     learner = ClassIncrementalLearner(cfg, method, datasets.train, datasets.train_eval, datasets.eval, split, progress)
     described = [{"index": t, "name": f"T{t + 1}", "classes": [datasets.classes.names[c] for c in cls]}
                  for t, cls in enumerate(split.tasks)]  # fmt: skip
-    results = run_task_sequence(learner, described, run_dir, cfg.resume, ("acc",), log, interrupt_after_task)
+    tracker = open_tracker(cfg, run_dir)
+    results = run_task_sequence(learner, described, run_dir, cfg.resume, ("acc",), log, interrupt_after_task, tracker)
     for metric in ("acc", "acc_oracle"):
         rows = results["matrices"].get(metric)
         if rows and results["complete"]:
@@ -356,6 +359,9 @@ def run_class_incremental(
     results["class_split"] = split.to_json()
     results["seconds"] = round(sum(s["info"].get("seconds", 0.0) for s in results["sessions"]), 2)
     write_json(run_dir / RESULTS, results)
+    tracker.log({k: v for k, v in results["summary"].items() if k.startswith("cil/")}, len(results["sessions"]) - 1,
+                "session")  # fmt: skip
+    tracker.close()
     write_cil_report(run_dir / REPORT, results, run_dir.name)
     return results
 

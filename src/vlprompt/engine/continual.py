@@ -45,12 +45,14 @@ from vlprompt.data.continual import (
     task_filter,
     task_relation,
 )
-from vlprompt.data.karpathy import GalleryImages, ImageTextPairs, load_gallery, read_annotations
+from vlprompt.data.karpathy import GalleryImages, ImageTextPairs, read_annotations
+from vlprompt.data.sources import data_path, split_files
 from vlprompt.engine.checkpoint import has_loop_state, load_loop_state, rng_state, save_loop_state, set_rng_state
 from vlprompt.engine.evaluate import autocast_context
 from vlprompt.engine.progress import TrainProgress
 from vlprompt.engine.report import heatmap, html_table, write_report
-from vlprompt.engine.rundir import atomic_write_text, prepare_run_dir, run_dir_for, write_json
+from vlprompt.engine.rundir import atomic_write_text, prepare_run_dir, run_dir_for, tracked_run, write_json
+from vlprompt.engine.tracking import Tracker, log_session, open_tracker
 from vlprompt.engine.trainer import (
     build_model,
     epoch_order,
@@ -195,6 +197,7 @@ def run_task_sequence(
     report_metrics: Sequence[str] = (),
     log: Callable[[str], None] | None = None,
     interrupt_after_task: int | None = None,
+    tracker: Tracker | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate ``tasks`` in order with checkpoints between tasks; returns the ``continual.json`` dict.
 
@@ -239,6 +242,8 @@ def run_task_sequence(
         final = _save_task_checkpoint(run_dir, t, learner.state_dict())
         write_json(results_path, results)
         _point_latest(run_dir, final)  # last: a kill before this line resumes from the previous task
+        if tracker is not None:
+            log_session(tracker, results, t)
         if report_metrics:
             write_continual_report(run_dir / REPORT, results, report_metrics, run_dir.name)
         shown = ", ".join(f"{k} {v:.1f}" for k, v in evaluated.overall.items() if k in report_metrics)
@@ -270,11 +275,6 @@ def epoch_cosine(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
 
 
-def _file(data: Any, value: str) -> Path:
-    path = Path(value).expanduser()
-    return path if path.is_absolute() or not data.root else Path(data.root) / path
-
-
 class RetrievalLearner:
     """Continual image-text retrieval with any method (a :class:`ContinualMethod` gets the task hooks)."""
 
@@ -290,8 +290,9 @@ class RetrievalLearner:
             raise ConfigError(f"data.{split} is empty: continual runs evaluate on the {split} files of seen tasks")
         if cfg.continual.eval_gallery not in ("seen", "all"):
             raise ConfigError(f"continual.eval_gallery must be seen or all, got {cfg.continual.eval_gallery!r}")
-        self.train_file, self.eval_file = _file(cfg.data, cfg.data.train), _file(cfg.data, getattr(cfg.data, split))
-        read_annotations(self.eval_file)  # first read after task 0 trains: a malformed file must fail before that
+        self.train_files, self.eval_files = split_files(cfg.data, "train"), split_files(cfg.data, split)
+        # first read after task 0 trains: a malformed file must fail before that
+        read_annotations(self.eval_files.annotation)
 
     # ---- training -------------------------------------------------------------------------------
     def train_task(self, task: int) -> dict[str, Any]:
@@ -300,7 +301,7 @@ class RetrievalLearner:
         if isinstance(method, ContinualMethod):
             method.begin_task(task)
         keep = task_filter(self.tasks[task], self.key)
-        pairs = ImageTextPairs(self.train_file, cfg.data.root, self.spec.image_train, cfg.data.strict, keep)
+        pairs = self.train_files.pairs(self.spec.image_train, cfg.data.strict, keep)
         info: dict[str, Any] = {"train_pairs": len(pairs), "steps": 0}
         start = time.perf_counter()
         if method.trainable_parameters() and t.epochs > 0:
@@ -361,9 +362,7 @@ class RetrievalLearner:
     def _fit_keys(self, task: int) -> None:
         """K-means keys from frozen features of the task's training images (deterministic views) and captions."""
         cfg, method, bs = self.cfg, self.method, self.cfg.train.eval_batch_size
-        gallery = load_gallery(
-            self.train_file, cfg.data.root, cfg.data.strict, task_filter(self.tasks[task], self.key)
-        )
+        gallery = self.train_files.gallery(cfg.data.strict, task_filter(self.tasks[task], self.key))
         images = GalleryImages(gallery, self.spec.image_eval, cfg.data.strict)
         loader = DataLoader(images, batch_size=bs, num_workers=cfg.data.num_workers, collate_fn=collate_skip_none)
         with autocast_context(self.device, cfg.train.autocast):
@@ -379,7 +378,7 @@ class RetrievalLearner:
         task, so the gallery never grows and unseen tasks are scored too), and routing accuracy."""
         cfg, method, bs = self.cfg, self.method, self.cfg.train.eval_batch_size
         seen = self.tasks if cfg.continual.eval_gallery == "all" else self.tasks[: session + 1]
-        gallery = load_gallery(self.eval_file, cfg.data.root, cfg.data.strict, task_filter(seen, self.key))
+        gallery = self.eval_files.gallery(cfg.data.strict, task_filter(seen, self.key))
         to_task = {c: t.index for t in seen for c in t.categories}
         image_task = torch.tensor([to_task[r[self.key]] for r in gallery.records])
         text_task = image_task[torch.tensor(gallery.txt2img)]
@@ -478,11 +477,12 @@ def relation_for(cfg: Config, tasks: list[TaskSpec]) -> Tensor:
     if source == "coco":
         return torch.as_tensor(task_relation(tasks, COCO_TASK_POSITIVES))
     if source:
-        return torch.as_tensor(read_task_similarity(_file(cfg.data, source), len(tasks),
+        return torch.as_tensor(read_task_similarity(data_path(cfg.data, source), len(tasks),
                                                     cfg.continual.task_similarity_threshold))  # fmt: skip
     return torch.eye(len(tasks))
 
 
+@tracked_run
 def run_continual(
     cfg: Config,
     progress: bool = True,
@@ -500,9 +500,10 @@ def run_continual(
     if not cfg.resume and task_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or use another run_name")
     c = cfg.continual
-    tasks = resolve_task_sequence(c.tasks, c.order, cfg.data.root, _file(cfg.data, cfg.data.train), c.category_key)
+    train_file = split_files(cfg.data, "train").annotation
+    tasks = resolve_task_sequence(c.tasks, c.order, cfg.data.root, train_file, c.category_key)
     tasks = tasks[: c.max_tasks] if c.max_tasks else tasks
-    prepare_run_dir(cfg)
+    prepare_run_dir(cfg, resuming=cfg.resume and task_checkpoint(run_dir) is not None)
     seed_everything(cfg.seed)
     method = build_continual_model(cfg, len(tasks), resolve_device(cfg.device))
     if isinstance(method, ContinualMethod):
@@ -510,8 +511,10 @@ def run_continual(
     counts = method.parameter_counts()  # task 0 is current: trainable = what one task trains
     learner = RetrievalLearner(cfg, method, tasks, progress)
     described = [{"index": t.index, "name": t.name, "categories": list(t.categories)} for t in tasks]
+    tracker = open_tracker(cfg, run_dir)
     results = run_task_sequence(learner, described, run_dir, cfg.resume, ("i2t/R@1", "t2i/R@1"), log,
-                                interrupt_after_task)  # fmt: skip
+                                interrupt_after_task, tracker)  # fmt: skip
+    tracker.close()
     results["params"] = {"trainable_per_task": counts["trainable"], "total": counts["total"]}
     results["method"] = cfg.method.get("name", "")
     results["seconds"] = round(sum(s["info"].get("seconds", 0.0) for s in results["sessions"]), 2)

@@ -6,7 +6,9 @@ the headline rows; ``--full`` runs every row (all shifted domains).
 
 from __future__ import annotations
 
+import html
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,13 +19,27 @@ from rich.table import Table
 
 from vlprompt.config import load_config
 from vlprompt.data.world import build_world, layout
+from vlprompt.engine import demo_continual, demo_tta
 from vlprompt.engine.demo_cil import cil_rows
 from vlprompt.engine.demo_continual import continual_rows
 from vlprompt.engine.demo_rvlr import rvlr_rows
 from vlprompt.engine.demo_tta import tta_rows
-from vlprompt.engine.report import bar_chart, html_table, write_report
+from vlprompt.engine.report import (
+    DIRECTIONS,
+    Panel,
+    bar_panels,
+    environment_html,
+    glossary_html,
+    html_table,
+    mean_std_cell,
+    now_utc,
+    side_by_side,
+    write_report,
+)
+from vlprompt.engine.run_report import chance_levels
+from vlprompt.engine.rundir import environment
 from vlprompt.engine.runner import evaluate_target
-from vlprompt.engine.trainer import train
+from vlprompt.engine.trainer import resolve_device, train
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "world"
 METRICS = ("t2i/R@1", "t2i/R@5", "t2i/R@10", "i2t/R@1", "i2t/R@5", "i2t/R@10")
@@ -66,15 +82,16 @@ def run_recipe(recipe: str, out: Path, run_name: str, progress: bool, overrides:
 def section_rows(
     section: str, recipes: list[str], data: list[str], label: str, metrics: tuple[str, ...], ctx: dict[str, Any]
 ) -> list[Row]:
-    """Run ``recipes`` with the data overrides ``data`` and collect one row each."""
+    """Run ``recipes`` with the data overrides ``data`` and collect one row each (with the data's chance levels)."""
     rows = []
+    chance = chance_levels(load_config(CONFIGS / f"{recipes[0]}.yaml", data + ctx["overrides"]))
     for recipe in recipes:
         method = recipe.split("_", 1)[1]
         ctx["console"].print(f"[bold]{section}[/bold]: {method} ({label}) ...")
         result, seconds = run_recipe(recipe, ctx["out"], f"{recipe}_{label}", ctx["progress"], data + ctx["overrides"])
         test = result["test"]
         row = Row(section, method, label, {k: test[k] for k in metrics if k in test}, result["params"]["trainable"],
-                  round(seconds, 1))  # fmt: skip
+                  round(seconds, 1), {"chance": {k: v for k, v in chance.items() if k in metrics}})  # fmt: skip
         rows.append(row)
     return rows
 
@@ -129,8 +146,78 @@ def print_table(rows: list[Row], console: Console) -> None:
         console.print(table)
 
 
-def report(rows: list[Row], out: Path) -> Path:
-    """Write ``out/report.html`` (a table and a plot per section) and ``out/results.json``."""
+#: What a section's columns mean where the glossary's generic words are not enough, by section title prefix.
+NOTES = {
+    demo_continual.SECTION: demo_continual.NOTE,
+    demo_tta.CLASSIFICATION: demo_tta.NOTE,
+    demo_tta.RETRIEVAL: demo_tta.NOTE,
+}
+#: Row columns that are not scores (kept out of the plots).
+NOT_PLOTTED = ("ms/sample",)
+
+
+def _panel_of(key: str, keys: list[str]) -> tuple[str, str]:
+    """(panel title, bar group label) of a demo column: the R@K of one direction share a panel (R@1, R@5, R@10),
+    another measure gets a panel over its directions (R@1: t2i, i2t), forgetting (lower is better) its own."""
+    direction, _, measure = key.partition("/")
+    if measure and direction in DIRECTIONS:
+        if measure.startswith("R@") and sum(k.startswith(f"{direction}/R@") for k in keys) > 1:
+            return f"{DIRECTIONS[direction]} ({direction})", measure
+        return measure, direction
+    if "forget" in key.lower() or key == "FFM":
+        return "forgetting", key
+    others = [k for k in keys if "/" not in k and "forget" not in k.lower() and k != "FFM"]
+    return (", ".join(others) if len(others) <= 3 else "scores"), key
+
+
+def section_panels(part: list[Row]) -> list[Panel]:
+    """Every score of a demo section as bars (one per method), with the chance level where the data defines one.
+
+    One tested domain: one panel per direction (R@1, R@5, R@10 side by side) or per measure. Several domains
+    (``--full``): the domains side by side, one panel per panel-leading score (e.g. R@1 of each direction)."""
+    keys = [k for k in _columns(part) if k not in NOT_PLOTTED]
+    methods = list(dict.fromkeys(r.method for r in part))
+    domains = list(dict.fromkeys(r.domain for r in part))
+    layout_: dict[str, list[tuple[str, str]]] = {}
+    for k in keys:
+        title, group = _panel_of(k, keys)
+        layout_.setdefault(title, []).append((k, group))
+
+    def value(method: str, domain: str, key: str) -> float:
+        return next((float(r.metrics[key]) for r in part if r.method == method and r.domain == domain
+                     and key in r.metrics), math.nan)  # fmt: skip
+
+    def chance(domain: str, key: str) -> float:
+        return next((r.extra["chance"][key] for r in part if r.domain == domain and key in r.extra.get("chance", {})),
+                    math.nan)  # fmt: skip
+
+    panels = []
+    for title, members in layout_.items():
+        lower = title == "forgetting"
+        if len(domains) == 1:
+            d = domains[0]
+            series = {m: [value(m, d, k) for k, _ in members] for m in methods}
+            chances = [chance(d, k) for k, _ in members]
+            panels.append(Panel(title, [g for _, g in members], series, "%", chances, lower_is_better=lower))
+        else:
+            k = members[0][0]
+            series = {m: [value(m, d, k) for d in domains] for m in methods}
+            panels.append(Panel(f"{title}: {k}" if title != k else k, domains, series, "%",
+                                [chance(d, k) for d in domains], lower_is_better=lower))  # fmt: skip
+    return panels
+
+
+def demo_environment() -> dict[str, Any]:
+    """The environment the demo ran in (as a run directory's env.json records it) and the device it used."""
+    return {**environment(0), "device": str(resolve_device("auto"))}
+
+
+def report(rows: list[Row], out: Path, seconds: float | None = None) -> Path:
+    """Write ``out/report.html`` and ``out/results.json``.
+
+    Per section: the table (with a chance row), bars of every score per method and domain with chance levels,
+    and the section's own figures (e.g. accuracy matrices); then the environment and what every column means.
+    """
     saved = [{**asdict(r), "extra": {k: v for k, v in r.extra.items() if k != "figures"}} for r in rows]
     (out / "results.json").write_text(json.dumps(saved, indent=2) + "\n")
     sections = []
@@ -139,18 +226,32 @@ def report(rows: list[Row], out: Path) -> Path:
         metrics = _columns(part)
         flat = [{"method": r.method, "domain": r.domain, **r.metrics, "trainable": r.trainable, "time (s)": r.seconds}
                 for r in part]  # fmt: skip
-        sections.append((section, html_table(flat, ["method", "domain", *metrics, "trainable", "time (s)"])))
-        key = metrics[0]
-        domains = list(dict.fromkeys(r.domain for r in part))
-        methods = list(dict.fromkeys(r.method for r in part))
-        series = {
-            m: [next((r.metrics[key] for r in part if r.method == m and r.domain == d), 0.0) for d in domains]
-            for m in methods
-        }
-        sections.append((f"{section}: {key}", bar_chart(domains, series, key, section)))
+        for domain in dict.fromkeys(r.domain for r in part):
+            chance = next((r.extra["chance"] for r in part if r.domain == domain and r.extra.get("chance")), {})
+            if chance:
+                cells = {k: mean_std_cell(chance[k], None, 1) for k in metrics if k in chance}
+                flat.append({"method": "chance (random ranking)", "domain": domain, **cells})
+        table = html_table(flat, ["method", "domain", *metrics, "trainable", "time (s)"])
+        plots = bar_panels(section_panels(part))  # the section's heading is right above
+        own = side_by_side([tuple(f) for r in part for f in r.extra.get("figures", [])])
         # a section may attach its own plots (e.g. continual accuracy heatmaps): extra["figures"] = [(title, html)]
-        sections += [tuple(f) for r in part for f in r.extra.get("figures", [])]
-    return write_report(out / "report.html", "vlprompt demo", sections)
+        note = next((f"<p class='note'>{html.escape(n)}</p>" for p, n in NOTES.items() if section.startswith(p)), "")
+        sections.append((section, note + table + plots + own))
+    sections.append(("environment", environment_html([("this demo", demo_environment())])))
+    names = [*(k for r in rows for k in r.metrics), "trainable"]  # "time (s)" of a demo row: DEMO_TERMS
+    sections.append(("what the numbers mean", glossary_html(names, DEMO_TERMS)))
+    took = f", in {seconds:.0f} s" if seconds is not None else ""
+    intro = (f"<p class='note'>Run {now_utc()}{took} on the embedded world (procedurally drawn images, captions and "
+             "videos): zero-shot against adapted, one section per task. Bars: every score per method; dashed: "
+             "chance level.</p>")  # fmt: skip
+    return write_report(out / "report.html", "vlprompt demo", sections, intro)
+
+
+#: Column names of the demo's own tables that the generic glossary does not know.
+DEMO_TERMS = [
+    ("domain", "the world's rendering of the test images (clean, sketch, noisy, ...), or the task's data."),
+    ("time (s)", "wall-clock seconds of the row: training and evaluating (TTA rows: the whole run)."),
+]
 
 
 def run_demo(
@@ -174,6 +275,6 @@ def run_demo(
     for name in sections:
         rows += SECTIONS[name](world, full, ctx)
     print_table(rows, console)
-    path = report(rows, out)
+    path = report(rows, out, time.perf_counter() - start)
     console.print(f"report: {path}   total {time.perf_counter() - start:.0f} s")
     return rows

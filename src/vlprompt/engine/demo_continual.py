@@ -20,6 +20,9 @@ from vlprompt.engine.continual import run_continual
 from vlprompt.engine.report import heatmap
 
 SECTION = "continual retrieval (world, 6 tasks)"
+NOTE = ("i2t/R@1, t2i/R@1: final average R@1 over all six tasks after training on the last one; forget: "
+        "max-minus-last forgetting of R@1 (positive = forgotten); route: share of test images / captions routed to "
+        "their own task's prompts; trainable: parameters trained per task.")  # fmt: skip
 CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "world"
 #: (recipe, row label, extra overrides)
 ROWS = [

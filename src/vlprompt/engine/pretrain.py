@@ -1,8 +1,12 @@
-"""Pretraining the embedded tiny CLIPs on the world's base part (the recipe behind ``vlprompt pretrain``).
+"""Contrastive pre-training / full fine-tuning of a whole CLIP (the recipes behind ``vlprompt pretrain``).
 
-Plain CLIP training from random initialisation with open_clip's symmetric contrastive loss, through
-the same training loop as every method (full fine-tuning of a random-init model), then exported in
-the compact embedded format with a model card.
+:func:`pretrain` is open_clip's training on any dataset config: method ``finetune`` (every CLIP weight, the
+temperature included) with open_clip's symmetric contrastive loss (``ClipLoss``), through the same trainer as
+every method; ``backbone.pretrained: null`` starts from random initialisation, a tag / file / run directory from
+those weights. The resulting run directory is itself a backbone (``backbone.pretrained=RUN_DIR``), and
+:func:`export_full_model` writes its weights as an open_clip checkpoint. :func:`pretrain_embedded` is the recipe of
+the shipped tiny CLIPs: the same training on a built world's base part, then exported in the compact embedded
+format with a model card.
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ import torch
 
 from vlprompt.backbone import load_backbone
 from vlprompt.backbone.embedded import save_embedded_weights
+from vlprompt.backbone.loading import run_backbone, save_open_clip_checkpoint
 from vlprompt.config import BackboneConfig, Config, DataConfig, TrainConfig
 from vlprompt.data.sources import eval_set
 from vlprompt.data.world import layout
-from vlprompt.engine.checkpoint import latest_checkpoint, load_trainable
 from vlprompt.engine.evaluate import evaluate_retrieval
-from vlprompt.engine.trainer import build_model, train, visual_spec
+from vlprompt.engine.rundir import run_dir_for
+from vlprompt.engine.trainer import train, visual_spec
+from vlprompt.errors import ConfigError
 from vlprompt.methods import build_method
+
+#: The method that trains every CLIP weight with the contrastive loss.
+FULL_MODEL_METHOD = "finetune"
 
 #: Words prompt methods use beyond the world's captions (CoOp's init, placeholders).
 EXTRA_TEXTS = ("a photo of a", "X X X X X X X X X X X X X X X X", "a picture of a")
@@ -47,6 +56,25 @@ def world_texts(root: Path) -> list[str]:
     return texts
 
 
+def pretrain(cfg: Config, progress: bool = True) -> tuple[dict[str, Any], Path]:
+    """Train ``cfg`` (whose method must be ``finetune``) and return its final metrics and run directory."""
+    name = cfg.method.get("name")
+    if name != FULL_MODEL_METHOD:
+        raise ConfigError(
+            f"pretrain trains the whole CLIP, so the config's method must be {FULL_MODEL_METHOD!r}, not {name!r} "
+            f"(set method: {{name: {FULL_MODEL_METHOD}}}, or override method.name={FULL_MODEL_METHOD}); prompt "
+            "methods train with `vlprompt train`"
+        )
+    result = train(cfg, progress=progress)
+    return result, run_dir_for(cfg)
+
+
+def export_full_model(run_dir: Path, out: Path) -> Path:
+    """Write the whole CLIP of a full fine-tuning run as an open_clip checkpoint (safetensors) at ``out``."""
+    name, _ = run_backbone(run_dir)
+    return save_open_clip_checkpoint(load_backbone(name, str(run_dir)).model, out)
+
+
 def pretrain_config(
     model: str, world: Path, steps: int, batch_size: int, lr: float, seed: int, out_dir: Path
 ) -> Config:
@@ -67,7 +95,7 @@ def pretrain_config(
             lr=lr,
             weight_decay=0.1,
             warmup_steps=max(1, steps // 20),
-            eval_every=0,
+            eval_every=10_000,  # >= epochs: validate once, at the end (the model card reports it)
             checkpoint_every=100,
         ),
         seed=seed,
@@ -107,12 +135,9 @@ def pretrain_embedded(
 ) -> dict[str, Any]:
     """Pretrain ``model`` on ``world``'s base part and write ``out/<model>.safetensors`` plus a model card."""
     cfg = pretrain_config(model, world, steps, batch_size, lr, seed, runs_dir)
-    result = train(cfg, progress=progress)
-    method = build_model(cfg, torch.device("cpu"))
-    run_dir = runs_dir / cfg.run_name
-    load_trainable(latest_checkpoint(run_dir) / "trainable.safetensors", method)
-    clip = method.backbone.model
-    tokenizer = method.backbone.tokenizer
+    result, run_dir = pretrain(cfg, progress=progress)
+    trained = load_backbone(model, str(run_dir))  # the run directory as a backbone: its trained CLIP
+    clip, tokenizer = trained.model, trained.tokenizer
     keep = torch.unique(tokenizer(world_texts(world))).tolist()
     manifest = json.loads(layout.manifest_file(world).read_text())
     meta = {

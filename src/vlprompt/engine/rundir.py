@@ -1,17 +1,41 @@
-"""Run directories: resolved config, environment (versions, git SHA, seed) and metrics files."""
+"""Run directories: resolved config, environment (versions, git SHA, seed, where the data resolved), metrics
+files and the run's status.
+
+``status.json`` says what a folder holds: ``running`` from :func:`prepare_run_dir` on, then ``finished``, or
+``failed`` with the error when the command raised (:func:`tracked_run` wraps the commands that write run
+directories: train, continual, class-incremental, TTA). ``vlprompt report`` skips folders that are not finished
+(:func:`reportable_runs`); a folder without ``status.json`` (older runs) is read as before.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import datetime
+import functools
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vlprompt.config import Config, to_yaml
+from vlprompt.errors import ConfigError
+
+log = logging.getLogger("vlprompt.engine")
+
+STATUS = "status.json"
+RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+#: What a run writes as results; a fresh start (nothing to resume) removes an earlier attempt's copies.
+RESULT_FILES = ("metrics.jsonl", "metrics.json", "continual.json")
+
+F = TypeVar("F", bound=Callable[..., Any])
+# The run directories prepared inside the innermost tracked_run call (None outside any).
+_prepared: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("vlprompt_prepared", default=None)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -65,13 +89,99 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.out_dir) / (cfg.run_name or str(cfg.method.get("name", "run")))
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    """Create the run directory and record the resolved config and environment."""
+def prepare_run_dir(cfg: Config, resuming: bool = False) -> Path:
+    """Create the run directory and record the resolved config, the environment and where every data split
+    resolved (``env.json`` ``data``: annotation files and image roots, absolute).
+
+    Unless ``resuming`` (a checkpoint will be continued), results of an earlier attempt in the folder are removed,
+    so a run that failed before its first checkpoint restarts cleanly. Inside :func:`tracked_run` the folder's
+    status becomes ``running``; outside one, an earlier status is removed (it described another attempt).
+    """
+    from vlprompt.data.sources import data_locations
+
     path = run_dir_for(cfg)
     path.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        for name in RESULT_FILES:
+            (path / name).unlink(missing_ok=True)
+    prepared = _prepared.get()
+    if prepared is not None:
+        write_status(path, RUNNING)
+        prepared.append(path)
+    else:  # an untracked writer (e.g. an evaluation record): an earlier attempt's status no longer applies
+        (path / STATUS).unlink(missing_ok=True)
     atomic_write_text(path / "config.yaml", to_yaml(cfg))
-    write_json(path / "env.json", environment(cfg.seed))
+    write_json(path / "env.json", {**environment(cfg.seed), "data": data_locations(cfg.data)})
     return path
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_status(path: Path, status: str, error: str | None = None) -> None:
+    """Record a run's status (``running``, ``finished``, ``failed`` with the error) in ``status.json``."""
+    record: dict[str, Any] = {"status": status, "time": _now(), "argv": sys.argv}
+    if error is not None:
+        record["error"] = error
+    write_json(path / STATUS, record)
+
+
+def read_status(path: Path) -> dict[str, Any] | None:
+    """A run directory's ``status.json`` (None when it has none, as older runs)."""
+    try:
+        status = json.loads((Path(path) / STATUS).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        return {"status": "unknown", "error": f"unreadable {STATUS}: {err}"}
+    return status if isinstance(status, dict) else {"status": "unknown", "error": f"{STATUS} is not an object"}
+
+
+def tracked_run(fn: F) -> F:
+    """Decorate a command that writes run directories: each folder it prepares ends ``finished``, or ``failed``
+    with the error if it raises (interrupts included), so no half-written folder passes for a run."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        prepared: list[Path] = []
+        token = _prepared.set(prepared)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as err:
+            for path in prepared:
+                write_status(path, FAILED, f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            _prepared.reset(token)
+        for path in prepared:
+            write_status(path, FINISHED)
+        return result
+
+    wrapper.tracks_run_dirs = True  # type: ignore[attr-defined]
+    return wrapper  # type: ignore[return-value]
+
+
+def reportable_runs(run_dirs: Sequence[str | os.PathLike]) -> list[Path]:
+    """The run directories that finished (or predate ``status.json``); the others are named in a warning, and if
+    none is left that is an error."""
+    keep, skipped = [], []
+    for run in map(Path, run_dirs):
+        status = read_status(run)
+        if status is None or status.get("status") == FINISHED:
+            keep.append(run)
+            continue
+        why = str(status.get("status", "unknown"))
+        if status.get("error"):
+            why += f": {status['error']}"
+        elif why == RUNNING:
+            why += ", or killed"
+        skipped.append(f"{run} ({why})")
+    if skipped and not keep:
+        raise ConfigError(f"none of the given runs finished: {'; '.join(skipped)}")
+    if skipped:
+        log.warning("not reported, the run did not finish: %s", "; ".join(skipped))
+    return keep
 
 
 def append_metrics(path: Path, record: dict[str, Any]) -> None:

@@ -1,15 +1,20 @@
-"""Evaluate what the user points at: a run directory (config + checkpoint) or a config."""
+"""Evaluate what the user points at: a run directory (config + checkpoint) or a config; optionally record the
+evaluation as a run directory of its own (a zero-shot baseline that ``vlprompt report`` compares with trained runs)."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from vlprompt.config import load_config
+from vlprompt.config import Config, load_config
 from vlprompt.data.sources import eval_set
-from vlprompt.engine.checkpoint import latest_checkpoint, load_trainable
 from vlprompt.engine.evaluate import evaluate_retrieval, gallery_relevance
+from vlprompt.engine.hub import load_trained, resolve_trained
+from vlprompt.engine.rundir import prepare_run_dir, write_json
 from vlprompt.engine.trainer import build_model, resolve_device, seed_everything, visual_spec
 from vlprompt.errors import ConfigError
 
@@ -21,31 +26,71 @@ def evaluate_target(
     protocol: str = "cross-modal",
     relevance: str | Path | None = None,
     official_ndcg: bool = False,
+    out: str | Path | None = None,
 ) -> dict[str, float]:
-    """Retrieval metrics of a run directory's latest checkpoint, or of a config's untrained method.
+    """Retrieval metrics of a run directory's latest checkpoint, an exported folder or ``hf-hub:ORG/NAME``
+    (:func:`vlprompt.engine.hub.resolve_trained`), or of a config's untrained method.
 
     ``protocol`` and ``official_ndcg`` as in :func:`~vlprompt.engine.evaluate.evaluate_retrieval`; ``relevance`` is
     a ``.npy`` ROUGE-L relevance file for the gallery, loaded when it exists and written there when computed.
+    ``out``: also write a run directory there (:func:`record_evaluation`).
     """
-    target = Path(target)
-    run_dir = target if target.is_dir() else None
-    cfg = load_config(target / "config.yaml" if run_dir else target, overrides)
-    seed_everything(cfg.seed)
-    method = build_model(cfg, resolve_device(cfg.device))
-    if run_dir is not None:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None and method.trainable_parameters():
-            raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
-        if checkpoint is not None:
-            load_trainable(checkpoint / "trainable.safetensors", method)
+    source = str(target)
+    trained = resolve_trained(target)  # a run directory, an exported folder or hf-hub:ORG/NAME; None: a config
+    target = trained.folder if trained is not None else Path(target)
+    if out is not None:
+        check_eval_out(Path(out), target)  # before the work, not after it
+    start = time.perf_counter()
+    checkpoint = trained.checkpoint if trained is not None else None
+    if trained is not None:
+        method, cfg = load_trained(trained, overrides or ())
+    else:
+        cfg = load_config(target / "config.yaml" if target.is_dir() else target, overrides)
+        seed_everything(cfg.seed)
+        method = build_model(cfg, resolve_device(cfg.device))
     gallery = eval_set(cfg.data, split, visual_spec(method.backbone))
     if gallery is None:
         raise ConfigError(f"data.{split} is empty: nothing to evaluate (override it, e.g. data.{split}=FILE)")
     rel = relevance_file(gallery, relevance) if relevance and protocol != "cross-modal" else None
     batch, autocast = cfg.train.eval_batch_size, cfg.train.autocast
-    return evaluate_retrieval(
+    metrics = evaluate_retrieval(
         method, gallery, batch, autocast, protocol=protocol, relevance=rel, official_ndcg=official_ndcg
     )
+    if out is not None:
+        evaluated = {"target": source, "checkpoint": str(checkpoint) if checkpoint else None,
+                     "protocol": protocol, "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+        record_evaluation(Path(out), cfg, {"params": method.parameter_counts(), split: metrics}, evaluated)
+    return metrics
+
+
+#: The key of an evaluation run's ``metrics.json`` that says what was evaluated (and marks it as such).
+EVALUATED = "evaluated"
+
+
+def check_eval_out(out: Path, target: Path) -> None:
+    """Refuse an ``--out`` folder that holds a run of another kind (or is the evaluated run): never overwrite one."""
+    if target.is_dir() and out.resolve() == target.resolve():
+        raise ConfigError(f"--out {out} is the evaluated run directory itself; give a new folder")
+    metrics = out / "metrics.json"
+    trained = (out / "checkpoints").exists() or (out / "continual.json").exists()
+    if trained or (metrics.is_file() and EVALUATED not in _json_or_empty(metrics)):
+        raise ConfigError(f"--out {out} already holds a run that is not an evaluation; give a new folder")
+
+
+def _json_or_empty(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def record_evaluation(out: Path, cfg: Config, metrics: dict[str, Any], evaluated: dict[str, Any]) -> Path:
+    """Write ``out`` as a run directory: the resolved ``config.yaml``, ``env.json`` and ``metrics.json`` holding
+    ``{"params": ..., "<split>": {...}}`` as a training run does, plus :data:`EVALUATED` (what was evaluated, how)."""
+    cfg.out_dir, cfg.run_name = str(out.parent), out.name  # the config says where its run directory is
+    prepare_run_dir(cfg)
+    write_json(out / "metrics.json", {**metrics, EVALUATED: evaluated})
+    return out
 
 
 def relevance_file(gallery, path: str | Path) -> np.ndarray:

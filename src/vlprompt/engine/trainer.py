@@ -31,7 +31,8 @@ from vlprompt.engine.checkpoint import (
 )
 from vlprompt.engine.evaluate import autocast_context, evaluate_retrieval, split_visual_batch
 from vlprompt.engine.progress import TrainProgress
-from vlprompt.engine.rundir import append_metrics, prepare_run_dir, run_dir_for, write_json
+from vlprompt.engine.rundir import append_metrics, prepare_run_dir, run_dir_for, tracked_run, write_json
+from vlprompt.engine.tracking import TrainLog, open_tracker
 from vlprompt.errors import ConfigError
 from vlprompt.methods import Method, build_method, option_names
 
@@ -139,6 +140,7 @@ class _Interrupt(Exception):
     """Raised by tests to simulate a kill at a given step."""
 
 
+@tracked_run
 def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = None) -> dict[str, Any]:
     """Train ``cfg``'s method; returns the final metrics (also written to ``RUN_DIR/metrics.json``)."""
     if not cfg.data.train:
@@ -150,17 +152,19 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     if not cfg.resume and latest_checkpoint(run_dir) is not None:
         raise ConfigError(f"{run_dir} already holds a run; pass resume=true to continue it or choose another run_name")
     if info.is_main:  # rank 0 alone writes files
-        prepare_run_dir(cfg)
+        prepare_run_dir(cfg, resuming=checkpoint is not None)
     distributed.barrier(info)
+    tracker = open_tracker(cfg, run_dir, enabled=info.is_main)  # log.report_to; rank 0 alone reports
     seed_everything(cfg.seed)
 
     method = build_model(cfg, device)
     backbone = method.backbone
     spec = visual_spec(backbone)
-    # Every annotation file is parsed here, before the first step: a malformed test file must not surface only
-    # after training has finished.
+    # Every annotation file the run reads is parsed here, before the first step: a malformed test file must not
+    # surface only after training has finished. Without validation (eval_every=0) data.val is never read, so a
+    # template's validation file need not exist.
     pairs = train_set(cfg.data, spec, seed=cfg.seed)
-    val = eval_set(cfg.data, "val", spec)
+    val = eval_set(cfg.data, "val", spec) if cfg.train.eval_every else None
     test = eval_set(cfg.data, "test", spec)
     # Methods that look up per-sample training data (RVLR's teacher features) get the set once and then each
     # batch's indices: the item's own index in `pairs` (sample_index) and its image index (visual_index).
@@ -177,7 +181,10 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     total_steps = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
     params = method.trainable_parameters()
     if not params:
-        raise ConfigError(f"method {cfg.method.get('name')!r} has nothing to train; use `vlprompt eval` instead")
+        raise ConfigError(
+            f"method {cfg.method.get('name')!r} has nothing to train; use `vlprompt eval CONFIG --out RUN_DIR` to "
+            "evaluate it and record a run directory that `vlprompt report` compares with trained runs"
+        )
     optimizer = make_optimizer(cfg, method)
     schedule = make_schedule(cfg, optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=t.autocast == "fp16")
@@ -212,10 +219,13 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     def validate(epoch: int) -> dict[str, float]:
         metrics = evaluate_retrieval(method, val, t.eval_batch_size, t.autocast)
         append_metrics(run_dir, {"epoch": epoch, "step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+        tracker.log({"val": metrics}, step)
         display.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "R@1" in k))
         return metrics
 
     counts = method.parameter_counts()
+    tracker.log({"params": counts}, step)
+    train_log = TrainLog(tracker, cfg.log.every_steps)
     start = time.perf_counter()
     display = TrainProgress(total_steps, enabled=progress and info.is_main)
     display.advance_to(step)
@@ -248,13 +258,17 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
                     with autocast_context(device, t.autocast):
                         loss = model(visual.to(device), tokens, mask, **indices) / t.grad_accum
                     scaler.scale(loss).backward()
-                    display.record(loss.item() * t.grad_accum, len(captions))
+                    value = loss.item() * t.grad_accum
+                    display.record(value, len(captions))
+                    train_log.record(value)
                 if micro_done % t.grad_accum:
                     continue
                 optimizer_step(optimizer, scaler, params, t.grad_clip)
                 schedule.step()
                 step += 1
                 display.step(step, schedule.get_last_lr()[0])
+                lr = schedule.get_last_lr()[0]
+                train_log.step(step, lr, epoch + micro_done / micro_per_epoch, last=step >= total_steps)
                 if interrupt_at_step is not None and step == interrupt_at_step:
                     raise _Interrupt(f"interrupted at step {step}")
                 if t.checkpoint_every and step % t.checkpoint_every == 0:
@@ -274,6 +288,8 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
         result["val"] = validate(epoch)
     if test is not None:
         result["test"] = evaluate_retrieval(method, test, t.eval_batch_size, t.autocast)
+        tracker.log({"test": result["test"]}, step)
+    tracker.close()
     bad = pairs.bad_samples
     if bad:
         result["bad_samples"] = bad.as_dict()

@@ -30,9 +30,10 @@ from vlprompt.backbone.loading import create_clip
 from vlprompt.config import Config, TTAConfig
 from vlprompt.data.classnames import load_class_names
 from vlprompt.data.imagenet import VARIANTS, ClassificationFolder, read_variant
-from vlprompt.data.sources import eval_set
+from vlprompt.data.sources import data_path, eval_set
 from vlprompt.data.views import TTAViews
-from vlprompt.engine.rundir import prepare_run_dir, write_json
+from vlprompt.engine.rundir import prepare_run_dir, tracked_run, write_json
+from vlprompt.engine.tracking import open_tracker
 from vlprompt.engine.trainer import build_model, resolve_device, seed_everything, visual_spec
 from vlprompt.errors import ConfigError, DataError
 from vlprompt.eval import invert_ground_truth, ranks_from_similarity, retrieval_metrics
@@ -143,7 +144,7 @@ def classification_set(cfg: Config) -> ClassificationFolder:
     data = cfg.data
     if not data.root:
         raise ConfigError("data.root is empty: give the folder of the test images")
-    folder = Path(data.root) / data.test if data.test else Path(data.root)
+    folder = data_path(data, data.test) if data.test else Path(data.root).expanduser()  # the rule of every split
     if data.format in VARIANTS:
         return read_variant(data.format, folder, strict=data.strict)
     if data.format != "imagefolder":
@@ -161,17 +162,23 @@ def sample_order(n: int, tta: TTAConfig, seed: int) -> list[int]:
     return order[: tta.max_samples] if tta.max_samples else order
 
 
+#: Timing keys of ``metrics.json`` as first written (before issue 15) -> their current names; readers accept both.
+OLD_TIMING_NAMES = {"seconds": "seconds_total", "seconds_per_sample": "seconds_adapt_per_sample"}
+
+
 @dataclass
 class TTAOutcome:
-    """Per-sample outputs of a TTA run and its timing."""
+    """Per-sample outputs of a TTA run and the wall time of its per-sample loop."""
 
     scores: list[Tensor] = field(default_factory=list)  # classification: logits [C]; retrieval: similarities [M]
     labels: list[int] = field(default_factory=list)  # classification labels or query indices
-    seconds: float = 0.0  # wall time of the per-sample loop (views, adaptation, prediction)
+    before: list[Tensor] = field(default_factory=list)  # the same outputs before adaptation (when it adapts)
+    loop_seconds: float = 0.0  # the per-sample loop only (views, adaptation, prediction), no setup
 
     @property
-    def seconds_per_sample(self) -> float:
-        return self.seconds / max(1, len(self.scores))
+    def seconds_adapt_per_sample(self) -> float:
+        """Loop time per sample: building its views, adapting and predicting."""
+        return self.loop_seconds / max(1, len(self.scores))
 
 
 def _progress(total: int, enabled: bool, label: str) -> Progress:
@@ -208,12 +215,14 @@ def run_classification(
             if state is not None:
                 state.finish_sample()
             out.scores.append(logits.cpu())
+            if episode.before is not None:
+                out.before.append(episode.before.cpu())
             out.labels.append(int(y))
             correct += int(logits.argmax()) == int(y)
             bar.update(task, advance=1, info=f"acc {100.0 * correct / len(out.labels):.1f}")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    out.seconds = time.perf_counter() - start
+    out.loop_seconds = time.perf_counter() - start
     return out
 
 
@@ -227,8 +236,16 @@ def classification_metrics(out: TTAOutcome) -> dict[str, float]:
         "cls/top1": 100.0 * (top[:, 0] == labels).float().mean().item(),
         "cls/top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item(),
         "samples": len(labels),
-        "seconds_per_sample": out.seconds_per_sample,
+        "seconds_adapt_per_sample": out.seconds_adapt_per_sample,
     }
+
+
+def adaptation_gain(adapted: dict[str, float], before: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``before_adaptation``: the accuracy and recall metrics (``cls/top1``, ``t2i/R@5``...) of the start point's
+    predictions, which step 0 computes anyway (the zero-shot model unless ``tta.momentum`` moves the start), on the
+    centre view (classification: the view a 0-step run predicts from); ``gain``: adapted minus that."""
+    keys = [k for k in before if "/top" in k or "/R@" in k]
+    return {"before_adaptation": {k: before[k] for k in keys}, "gain": {k: adapted[k] - before[k] for k in keys}}
 
 
 # ---- retrieval -------------------------------------------------------------------------------------------
@@ -300,12 +317,18 @@ def run_retrieval(method: RLCFRetrieval, cfg: Config, device: torch.device, prog
                 out.scores.append(method.predict(episode).cpu())
             if state is not None:
                 state.finish_sample()
+            if episode.before is not None:
+                out.before.append(episode.before.cpu())
             out.labels.append(q)
             bar.update(task, advance=1)
-    out.seconds = time.perf_counter() - start
-    ranks = ranks_from_similarity(torch.stack(out.scores), [gt[q] for q in out.labels])
-    metrics = retrieval_metrics(ranks, method.options.direction)
-    return {**metrics, "samples": len(out.labels), "seconds_per_sample": out.seconds_per_sample}
+    out.loop_seconds = time.perf_counter() - start
+    truth = [gt[q] for q in out.labels]
+    metrics = retrieval_metrics(ranks_from_similarity(torch.stack(out.scores), truth), method.options.direction)
+    result = {**metrics, "samples": len(out.labels), "seconds_adapt_per_sample": out.seconds_adapt_per_sample}
+    if out.before:
+        before = retrieval_metrics(ranks_from_similarity(torch.stack(out.before), truth), method.options.direction)
+        result.update(adaptation_gain(metrics, before))
+    return result
 
 
 # ---- the command -----------------------------------------------------------------------------------------
@@ -333,6 +356,7 @@ def build_tta_method(cfg: Config, device: torch.device) -> Method:
     return method
 
 
+@tracked_run
 def run_tta(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Run ``cfg`` (classification or retrieval TTA); metrics are also written to ``RUN_DIR/metrics.json``."""
     if cfg.tta.steps < 0:
@@ -354,7 +378,14 @@ def run_tta(cfg: Config, progress: bool = True) -> dict[str, Any]:
                          augmix=cfg.tta.augmix)  # fmt: skip
         out = run_classification(method, SampleViews(test, views, cfg.seed), cfg, device, progress)
         metrics = classification_metrics(out)
+        if out.before:
+            metrics.update(adaptation_gain(metrics, classification_metrics(TTAOutcome(out.before, out.labels))))
     metrics["trainable"] = method.parameter_counts()["trainable"] if cfg.tta.steps else 0
-    metrics["seconds"] = time.perf_counter() - start
+    # total = setup (gallery and reward features, encoded once) + the per-sample loop
+    metrics["seconds_total"] = time.perf_counter() - start
+    loop = metrics["seconds_adapt_per_sample"] * metrics["samples"]
+    metrics["seconds_setup"] = max(0.0, metrics["seconds_total"] - loop)
     write_json(run_dir / "metrics.json", metrics)
+    with open_tracker(cfg, run_dir) as tracker:
+        tracker.log({"tta": metrics}, int(metrics.get("samples", 0)), "samples")
     return metrics

@@ -1,11 +1,14 @@
 """What an index is built from: a model (run dir, config or plain backbone) and items (a dataset split or a folder).
 
-* **Model** (``--model``): a run directory (its ``config.yaml`` and latest checkpoint, as ``vlprompt eval``), a
-  YAML config (its method untrained, e.g. zero-shot), or a backbone name with ``--pretrained`` (a frozen CLIP).
+* **Model** (``--model``): a run directory (its ``config.yaml`` and latest checkpoint, as ``vlprompt eval``), an
+  exported folder (``vlprompt export``) or ``hf-hub:ORG/NAME`` (such a folder on the Hub; an open_clip model there is
+  a frozen backbone), a YAML config (its method untrained, e.g. zero-shot), or a backbone name with ``--pretrained``
+  (a frozen CLIP).
   :func:`resolve_model` returns the method and a JSON *spec* from which :func:`load_model` rebuilds the very
   same encoder at search time; the spec's fingerprint (checkpoint hash) catches a run that changed since.
 * **Data** (``--data``): a run directory or YAML config (its ``data`` section; ``--split`` picks the annotation
-  file), an annotation file (``--format``, default karpathy, and ``--root``), or a folder of images and videos.
+  file), an annotation file (``--format``, default karpathy, and ``--root``; without it a Karpathy file's images
+  resolve as in every command, :func:`vlprompt.data.sources.split_files`), or a folder of images and videos.
   Without ``--data`` the model's own config gives the data. ``key=value`` overrides apply to both configs.
 * Items are :class:`Part` s: one per kind of input (``image``, ``video``, ``text``), each a dataset of raw inputs
   with content ids (the feature cache's keys) and one JSON record per row (what search results show).
@@ -14,7 +17,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +27,9 @@ import torch
 from torch.utils.data import Dataset
 
 from vlprompt.config import Config, DataConfig, load_config
+from vlprompt.data.karpathy import implied_image_root
 from vlprompt.data.media import MISSING, UNREADABLE, BadSamples, is_image_file
+from vlprompt.data.sources import split_files
 from vlprompt.data.video import VideoTransform, is_video_file, read_frames
 from vlprompt.errors import ConfigError, DataError
 from vlprompt.index.features import ImageFiles, caption_sample_id, image_sample_id
@@ -53,26 +57,31 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def model_spec(target: str, pretrained: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The JSON description of ``--model`` (run dir, config or backbone name) with its fingerprint."""
-    from vlprompt.engine.checkpoint import latest_checkpoint
+    """The JSON description of ``--model`` (run dir, exported folder, ``hf-hub:`` id, config or backbone name) with
+    its fingerprint."""
+    from vlprompt.engine.hub import HUB_PREFIX, resolve_trained
 
     path = Path(target).expanduser()
-    if _is_run_dir(path):
-        checkpoint = latest_checkpoint(path)
-        weights = checkpoint / "trainable.safetensors" if checkpoint is not None else None
+    # A run directory, an exported folder (its own checkpoint) or, without --pretrained, hf-hub:ORG/NAME: a vlprompt
+    # export on the Hub (its local copy in the Hugging Face cache is what the spec names) or an open_clip model.
+    hub = target.startswith(HUB_PREFIX)
+    trained = resolve_trained(target, backbone_ok=True) if not hub or pretrained is None else None
+    if trained is not None:
+        weights = trained.weights
         fingerprint = _sha256(weights) if weights is not None and weights.is_file() else "no-checkpoint"
-        spec = {"kind": "run", "target": str(path.resolve()), "checkpoint": str(checkpoint) if checkpoint else None}
+        checkpoint = str(trained.checkpoint) if trained.checkpoint else None
+        spec = {"kind": "run", "target": str(trained.folder.resolve()), "checkpoint": checkpoint}
     elif _is_config(path):
         spec = {"kind": "config", "target": str(path.resolve()), "checkpoint": None}
         fingerprint = _sha256(path)
     elif path.exists():
         raise ConfigError(f"--model {target}: expected a run directory (with config.yaml), a YAML config or a name")
     else:
-        if pretrained is None:
+        if pretrained is None and not hub:  # an open_clip model on the Hub brings its weights (pretrained unused)
             if not target.startswith("vlprompt-"):
                 raise ConfigError(f"give --pretrained for {target} (an open_clip tag such as openai, or 'none')")
             pretrained = "world"
-        pretrained = None if pretrained.lower() in ("none", "null", "") else pretrained
+        pretrained = None if pretrained is None or pretrained.lower() in ("none", "null", "") else pretrained
         spec = {"kind": "backbone", "target": target, "pretrained": pretrained, "checkpoint": None}
         fingerprint = f"{target}@{pretrained}"
     spec["overrides"] = list(overrides) if spec["kind"] != "backbone" else []
@@ -82,7 +91,7 @@ def model_spec(target: str, pretrained: str | None = None, overrides: Sequence[s
 
 def _overrides_tag(overrides: Sequence[str]) -> str:
     # model-relevant overrides change the encoder; data.* ones do not
-    relevant = sorted(o for o in overrides if not o.startswith(("data.", "train.", "device=", "out_dir=")))
+    relevant = sorted(o for o in overrides if not o.startswith(("data.", "train.", "log.", "device=", "out_dir=")))
     return "" if not relevant else "+" + hashlib.sha256("\n".join(relevant).encode()).hexdigest()[:8]
 
 
@@ -142,24 +151,6 @@ class DataSource:
     described: dict[str, Any] = field(default_factory=dict)
 
 
-def _karpathy_root(ann: Path) -> Path:
-    """The first ancestor of ``ann``'s folder under which its first image exists (paths are relative to it)."""
-    try:
-        records = json.loads(ann.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{ann}: not a Karpathy-style JSON list with 'image' entries ({err})") from err
-    if isinstance(records, list) and not records:
-        raise DataError(f"{ann} holds no records (an empty list): nothing to index")
-    try:
-        first = records[0]["image"]
-    except (LookupError, TypeError) as err:
-        raise DataError(f"{ann}: not a Karpathy-style JSON list with 'image' entries ({err!r})") from err
-    for parent in [ann.parent, *ann.parent.parents]:
-        if (parent / first).is_file():
-            return parent
-    raise DataError(f"cannot find {first!r} (the first image of {ann}) under any parent folder; give --root")
-
-
 def resolve_data(
     data: str | None,
     model: dict[str, Any],
@@ -184,10 +175,10 @@ def resolve_data(
     if not path.is_file():
         raise DataError(f"--data {data} does not exist")
     fmt = fmt or "karpathy"
-    if fmt == "karpathy":
-        base = Path(root).expanduser() if root else _karpathy_root(path.resolve())
-    else:
-        base = Path(root).expanduser() if root else path.resolve().parent
+    if root:
+        base = Path(root).expanduser()
+    else:  # a Karpathy file's images resolve as in every command (README "Real data layout")
+        base = implied_image_root(path.resolve()) if fmt == "karpathy" else path.resolve().parent
     settings = [f"data.format={fmt}", f"data.root={base.resolve()}", f"data.{split}={path.resolve()}"]
     cfg = load_config(None, settings + data_overrides)
     return _from_config(cfg, split, {"source": str(path.resolve())})
@@ -200,6 +191,8 @@ def _from_config(cfg: Config, split: str, described: dict[str, Any]) -> DataSour
         raise ConfigError(f"data.{split} is empty in {described['source']}: nothing to index")
     d = cfg.data
     described = {**described, "format": d.format, "root": d.root, "split": split, "annotation": getattr(d, split)}
+    if d.format == "karpathy":
+        described["images"] = str(split_files(d, split).images.resolve())
     return DataSource(data=d, split=split, described=described)
 
 

@@ -270,7 +270,10 @@ class RLCFRetrieval(Method):
 
     def loss(self, ep: Episode, step: int) -> Tensor:
         """The adaptation loss of step ``step``: the query against every candidate."""
-        return self.objective(ep, self.scale * self.encode_query(ep.views) @ self.candidates.t())
+        logits = self.scale * self.encode_query(ep.views) @ self.candidates.t()
+        if step == 0:  # the start point's ranking (the scale does not change it): the TTA gain's baseline
+            ep.before = logits.detach()[0].float()
+        return self.objective(ep, logits)
 
     def objective(self, ep: Episode, logits: Tensor) -> Tensor:
         """REINFORCE over the top-K candidates of the query's logits ``[1, M]``."""

@@ -51,6 +51,7 @@ class Episode:
     selected: Tensor | None = None  # indices of the confident views (fixed after step 0)
     image_feats: Tensor | None = None  # prompt variant: features of every view (the image tower is frozen)
     first_logits: Tensor | None = None  # prompt variant: step-0 logits of the selected views (with graph)
+    before: Tensor | None = None  # the prediction before adaptation (a by-product of step 0; the TTA gain's baseline)
     extra: dict[str, Any] = field(default_factory=dict)  # method state, e.g. reward features
 
 
@@ -179,9 +180,12 @@ class ClassificationTTA(Method):
                 logits = self.logits(ep.image_feats, self.class_features())  # with graph: step 0 reuses it
                 ep.selected = confident_views(logits.detach(), keep)
                 ep.first_logits = logits[ep.selected]
+                ep.before = logits[0].detach().float()  # view 0 = the centre crop, what predict() reads
         elif adapt:
             with torch.no_grad():  # selection pass on all views; the grad pass then runs on the selected only
-                ep.selected = confident_views(self.logits(self.encode_views(views), self.class_features()), keep)
+                logits = self.logits(self.encode_views(views), self.class_features())
+                ep.selected = confident_views(logits, keep)
+                ep.before = logits[0].float()
         if adapt:
             self.on_selected(ep)
         return ep
