@@ -11,6 +11,7 @@ import yaml
 from vlprompt.config import load_config
 from vlprompt.engine import train
 from vlprompt.engine.run_report import load_run, write_run_report
+from vlprompt.engine.rundir import read_status
 from vlprompt.engine.runner import EVALUATED, evaluate_target
 from vlprompt.errors import ConfigError
 
@@ -35,6 +36,7 @@ def test_a_zero_shot_evaluation_becomes_a_run_directory(image_text_set: Path, tm
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["method"]["name"] == "zeroshot" and config["seed"] == 3 and config["run_name"] == "zeroshot"
     assert json.loads((out / "env.json").read_text())["seed"] == 3
+    assert read_status(out)["status"] == "finished"  # written once the evaluation succeeded
     # `report` reads it like any other run, beside a trained one
     run = load_run(out)
     assert run.kind == "eval" and run.method == "zeroshot" and run.metrics["t2i/R@1"] == pytest.approx(

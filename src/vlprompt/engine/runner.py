@@ -14,7 +14,7 @@ from vlprompt.config import Config, load_config
 from vlprompt.data.sources import eval_set
 from vlprompt.engine.evaluate import evaluate_retrieval, gallery_relevance
 from vlprompt.engine.hub import load_trained, resolve_trained
-from vlprompt.engine.rundir import prepare_run_dir, write_json
+from vlprompt.engine.rundir import FINISHED, prepare_run_dir, write_json, write_status
 from vlprompt.engine.trainer import build_model, resolve_device, seed_everything, visual_spec
 from vlprompt.errors import ConfigError
 
@@ -90,6 +90,7 @@ def record_evaluation(out: Path, cfg: Config, metrics: dict[str, Any], evaluated
     cfg.out_dir, cfg.run_name = str(out.parent), out.name  # the config says where its run directory is
     prepare_run_dir(cfg)
     write_json(out / "metrics.json", {**metrics, EVALUATED: evaluated})
+    write_status(out, FINISHED)  # written only once the evaluation succeeded
     return out
 
 
