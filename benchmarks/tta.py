@@ -15,7 +15,7 @@ the pass structure differs. *reference* replays what the RLCF code runs per samp
 - retrieval: the whole CLIP state dict is reloaded per query, the query's reward features are computed per query,
   captions run at the full context length and the text->image direction tunes the whole token-embedding table.
 
-*ours* is the library's path (``vlprompt.engine.tta`` with the methods' ``begin/loss/predict``): a no-grad
+*ours* is the library's path (``vlprompt.runners.tta`` with the methods' ``begin/loss/predict``): a no-grad
 selection pass over the N views, then grad passes on the S kept views; the prompt variant encodes the views once
 per sample and cuts class prompts after their end-of-text token; reward features of all queries are computed in
 one batch (their cost is added to ours per query); in-place restore of the tuned tensors only; text->image trains
@@ -42,10 +42,10 @@ from vlprompt.data.classnames import load_class_names
 from vlprompt.data.karpathy import load_gallery
 from vlprompt.data.views import TTAViews
 from vlprompt.data.world import layout
-from vlprompt.engine.tta import EpisodicState, adapt, fast_cpu_math, load_reward, make_optimizer
 from vlprompt.methods import build_method
 from vlprompt.methods.rlcf import RewardCLIP
 from vlprompt.methods.tpt import Episode, confident_views
+from vlprompt.runners.tta import EpisodicState, adapt, fast_cpu_math, load_reward, make_optimizer
 
 #: variant -> (method section, tta settings): the paper's hyperparameters.
 VARIANTS = {

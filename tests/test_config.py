@@ -6,14 +6,14 @@ import dataclasses
 import math
 import sys
 import typing
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vlprompt.config import CHOICES, RANGE, Config, Range, check_fields, load_config, options_from_dict, to_yaml
+from vlprompt.config import Config, load_config, to_yaml
 from vlprompt.errors import ConfigError
 from vlprompt.methods import METHODS
+from vlprompt.options import CHOICES, RANGE, Range, check_fields, options_from_dict
 
 YAML = """\
 backbone:
@@ -127,21 +127,6 @@ def test_to_yaml_round_trip(recipe, tmp_path):
     again = load_config(out)
     again.run_name = cfg.run_name
     assert again == cfg
-
-
-@dataclass
-class _Opts:
-    n: int = 1
-    words: str = "x"
-
-
-def test_options_from_dict():
-    opts = options_from_dict(_Opts, {"n": 3}, where="method (demo)")
-    assert isinstance(opts, _Opts) and opts.n == 3 and opts.words == "x"
-    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['m'\] for method \(demo\); valid options: n, words"):
-        options_from_dict(_Opts, {"m": 3}, where="method (demo)")
-    with pytest.raises(ConfigError, match=r"bad option for method \(demo\)"):
-        options_from_dict(_Opts, {"n": "three"}, where="method (demo)")
 
 
 # ---- declared ranges and choices, checked at load time -------------------------------------------------------
@@ -322,20 +307,6 @@ def test_choice_keys_include_the_enumerated_options():
     enumerated = {"backbone.precision", "train.optimizer", "train.schedule", "train.autocast", "continual.eval_split",
                   "continual.eval_gallery", "tta.autocast", "cil.eval_split", "cil.train_transform"}  # fmt: skip
     assert enumerated <= dict(_choice_fields()).keys()
-
-
-@dataclass
-class _RangedOpts:
-    n: int = dataclasses.field(default=1, metadata={RANGE: Range(ge=1)})
-    rates: list[float] = dataclasses.field(default_factory=list, metadata={RANGE: Range(gt=0, lt=1)})
-
-
-def test_options_from_dict_checks_ranges_under_the_given_prefix():
-    assert options_from_dict(_RangedOpts, {"n": 1, "rates": [0.5]}, where="x").rates == [0.5]
-    with pytest.raises(ConfigError, match=r"^method\.n = 0: must be an integer >= 1$"):
-        options_from_dict(_RangedOpts, {"n": 0}, where="method (demo)")
-    with pytest.raises(ConfigError, match=r"^method\.base\.rates = \[0\.5, 1\.0\]: each must be a finite number in"):
-        options_from_dict(_RangedOpts, {"rates": [0.5, 1.0]}, where="x", prefix="method.base.")
 
 
 def test_check_fields_walks_nested_sections():

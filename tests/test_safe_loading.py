@@ -76,7 +76,7 @@ def _captions(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]:
 
 
 def _reference(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]:
-    from vlprompt.engine.checkpoint import load_reference_checkpoint
+    from vlprompt.core.checkpoint import load_reference_checkpoint
 
     path = tmp / "official.pth"
     _planted_torch(path, marker, lambda p: {"state_dict": {"w": torch.zeros(2)}, "epoch": p})
@@ -102,7 +102,7 @@ def _backbone_file(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]
 
 def _legacy_run(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]:
     # A run directory of an older vlprompt (pickled state.pt) copied in, and resumed: the trainer's reader.
-    from vlprompt.engine.checkpoint import load_checkpoint
+    from vlprompt.core.checkpoint import load_checkpoint
 
     step = tmp / "run" / "checkpoints" / "step_00000004"
     step.mkdir(parents=True)
@@ -115,7 +115,7 @@ def _legacy_run(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]:
 
 def _legacy_continual(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]:
     # The continual runner's between-task loop state of an older vlprompt (loop.pt), resumed.
-    from vlprompt.engine.continual import run_task_sequence
+    from vlprompt.runners.continual import run_task_sequence
 
     run = tmp / "run"
     task = run / "checkpoints" / "task_000"

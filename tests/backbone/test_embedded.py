@@ -12,7 +12,7 @@ import torch
 
 import vlprompt
 from vlprompt.backbone.embedded import UNKNOWN_SHARE_WARNING, VocabularyWatch, known_token_rows
-from vlprompt.engine.pretrain import world_texts
+from vlprompt.runners.pretrain import world_texts
 
 # Captions a user brought (clip art and emoji titles): almost none of their words are the world's.
 REAL_CAPTIONS = [

@@ -156,7 +156,7 @@ def test_shipped_weights_load_on_the_gpu():
 # ---- a run directory as a backbone ------------------------------------------------------------------------------
 def _train_run(root: Path, out: Path, name: str, *overrides: str) -> Path:
     from vlprompt.config import load_config
-    from vlprompt.engine import train
+    from vlprompt.core import train
 
     cfg = load_config(None, ["method.name=finetune", "backbone.pretrained=null", f"data.root={root}",
                              "data.train=train.json", "data.test=test.json", "train.epochs=1", "train.batch_size=8",
@@ -168,7 +168,7 @@ def _train_run(root: Path, out: Path, name: str, *overrides: str) -> Path:
 def _checkpoint_tensors(run: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from vlprompt.engine.checkpoint import latest_checkpoint
+    from vlprompt.run_layout import latest_checkpoint
 
     return load_file(str(latest_checkpoint(run) / "trainable.safetensors"))
 

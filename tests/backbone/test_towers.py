@@ -600,3 +600,13 @@ def test_text_tower_refuses_cls_token_and_padding_mask_text_models():
         setattr(text, attr, torch.nn.Parameter(torch.zeros(2)) if attr == "cls_emb" else True)
         with pytest.raises(TypeError):
             towers_module.TextTower(text)
+
+
+def test_text_insert_moves_the_pooled_end_of_text_of_an_empty_caption(tiny):
+    """With inserted tokens the end-of-text moves behind them even when it sits right at the insert position (an
+    empty caption: start-of-text, end-of-text), so the pooled token is still the end-of-text token."""
+    torch.manual_seed(9)
+    tokens = tiny.tokenize(["", "a dog"])
+    insert = torch.randn(3, tiny.text_width)
+    with torch.no_grad():
+        _close(tiny.encode_text(tokens, PromptPlan(insert=insert)), ref_text(tiny, tokens, insert=insert))

@@ -9,7 +9,7 @@ import pytest
 
 from vlprompt.cli.main import main
 from vlprompt.config import load_config
-from vlprompt.engine.cil import run_class_incremental
+from vlprompt.runners.cil import run_class_incremental
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 FAST = ["backbone.pretrained=null", "cil.max_tasks=2", "train.epochs=0"]

@@ -12,11 +12,13 @@ from vlprompt.data.classnames import (
     CIFAR100_CLASSES,
     ClassNames,
     imagenet_templates,
+    imagenet_wnids,
     load_class_names,
     read_class_file,
     underscore_template,
+    variant_classes,
 )
-from vlprompt.data.imagenet import ClassificationFolder, imagenet_wnids, read_variant, variant_classes
+from vlprompt.data.imagenet import ClassificationFolder, read_variant
 from vlprompt.errors import ConfigError, DataError
 
 

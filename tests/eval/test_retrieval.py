@@ -351,3 +351,20 @@ def test_retrieval_metrics_ks_and_empty_prefix() -> None:
     for ks in ((0, 5), (1.5,)):
         with pytest.raises(ValueError, match="ks must be positive ints"):
             retrieval_metrics([0, 3], "t2i", ks=ks)
+
+
+def test_every_accepted_ground_truth_form_gives_the_same_ranks() -> None:
+    """Mixed ints and lists, ragged object arrays, per-query arrays or tensors: one ground-truth set per query."""
+    sim = np.array([[0.1, 0.9, 0.5], [0.8, 0.2, 0.4]])
+    expected = ranks_from_similarity(sim, [[1], [0, 2]]).tolist()
+    forms = [
+        [1, [0, 2]],
+        np.array([[1], [0, 2]], dtype=object),
+        [np.array([1]), np.array([0, 2])],
+        [torch.tensor([1]), torch.tensor([0, 2])],
+    ]
+    for gt in forms:
+        assert ranks_from_similarity(sim, gt).tolist() == expected == [0, 0]
+    for bad in (5, [[0], 1.5], [[0], ["a"]]):
+        with pytest.raises(ValueError, match="ground truth"):
+            ranks_from_similarity(sim, bad)

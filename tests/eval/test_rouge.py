@@ -162,3 +162,8 @@ def test_lcs_matrix_progress_counts_row_blocks(monkeypatch) -> None:
     calls: list[tuple[int, int]] = []
     lcs_matrix(captions, captions[:3], progress=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_lcs_matrix_of_no_captions_is_empty() -> None:
+    assert lcs_matrix([], ["a red ball"]).shape == (0, 1)
+    assert lcs_matrix(["a red ball"], []).shape == (1, 0)

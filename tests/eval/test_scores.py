@@ -78,3 +78,16 @@ def test_top_k_puts_the_copies_in_row_order(d: int, m: int) -> None:
 def test_an_empty_gallery_gives_an_empty_score_matrix() -> None:
     out = similarity(torch.ones(3, 4), torch.ones(0, 4))
     assert out.shape == (3, 0) and out.dtype == torch.float32
+
+
+def test_array_inputs_are_float32_features_so_float32_equal_rows_tie() -> None:
+    """``similarity_np`` rounds float64 inputs to float32 first: rows equal in float32 tie (and keep row order) even
+    where their float64 sums, rounded once at the end, would differ by one float32 unit."""
+    e = 0.45 * 2.0**-23  # under half a float32 unit at 1.0: 1 + e is 1.0 in float32
+    gallery = np.array([[1.0, 1.0, 1.0], [1.0 + e, 1.0 + e, 1.0 + e]])
+    query = np.ones((1, 3))
+    scores_ = similarity_np(query, gallery)
+    assert scores_[0, 0] == scores_[0, 1] == 3.0
+    assert similarity_np(gallery, query)[:, 0].tolist() == [3.0, 3.0]  # the same on the query side
+    assert top_k(query, gallery[::-1].copy(), 2).tolist() == [[0, 1]]
+    assert top_k(query, gallery, 2).tolist() == [[0, 1]]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from vlprompt.data.features import FeatureCache
 from vlprompt.errors import ConfigError, DataError
 from vlprompt.index.build import build_index, index_params
-from vlprompt.index.features import FeatureCache
 from vlprompt.index.search import SearchIndex
 from vlprompt.methods.base import Method
 
@@ -141,10 +141,11 @@ def test_index_parameters() -> None:
 def test_model_and_data_resolution(small_world: Path, tmp_path: Path) -> None:
     # a run directory: its config gives both the model (prompts loaded from the checkpoint) and the data
     from vlprompt.config import load_config
-    from vlprompt.engine.checkpoint import STATE, save_trainable
-    from vlprompt.engine.rundir import atomic_write_text
-    from vlprompt.engine.trainer import build_model
+    from vlprompt.core.checkpoint import save_trainable
+    from vlprompt.core.factory import build_model
+    from vlprompt.core.rundir import atomic_write_text
     from vlprompt.index.sources import load_model
+    from vlprompt.run_layout import STATE
 
     run = tmp_path / "run"
     overrides = ["backbone.pretrained=null", "method.name=vpt", "method.n_tokens=2", "device=cpu",

@@ -10,9 +10,9 @@ import torch
 from vlprompt.backbone import load_backbone
 from vlprompt.config import load_config
 from vlprompt.data.cil import ClassSplit, LabeledImages
-from vlprompt.engine.cil import ClassIncrementalLearner, class_text_anchors
 from vlprompt.methods import build_method
 from vlprompt.methods.cil import ClassIncrementalMethod
+from vlprompt.runners.cil import ClassIncrementalLearner, class_text_anchors
 
 NAMES = ["red square", "green circle", "blue triangle", "yellow star", "purple cross", "orange heart"]
 SMALL = {

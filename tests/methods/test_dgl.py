@@ -106,7 +106,7 @@ def test_max_words_truncates_keeping_end_of_text(tiny) -> None:
 
 @pytest.mark.parametrize("latent", ["linear", "transformer"])
 def test_official_checkpoint_keys_round_trip(tiny, latent: str, tmp_path: Path) -> None:
-    from vlprompt.engine.checkpoint import load_reference_checkpoint
+    from vlprompt.core.checkpoint import load_reference_checkpoint
     from vlprompt.errors import ConfigError
     from vlprompt.methods.dgl import to_reference_state_dict
 
@@ -169,7 +169,7 @@ def test_every_dgl_recipe_follows_a_reference_checkpoint() -> None:
 
 def test_reference_checkpoint_selects_the_reference_behaviour(tiny, tmp_path: Path, caplog) -> None:
     from vlprompt.config import load_config
-    from vlprompt.engine.trainer import build_model
+    from vlprompt.core.factory import build_model
 
     path, weights = _official_file(tiny, tmp_path)
     cfg = load_config(None, ["backbone.pretrained=null", "data.num_frames=3", "method.name=dgl",

@@ -15,10 +15,9 @@ from open_clip.loss import ClipLoss
 
 import vlprompt
 from vlprompt.config import DataConfig, load_config
-from vlprompt.engine.runner import evaluate_target
-from vlprompt.engine.trainer import train
+from vlprompt.core.trainer import train
+from vlprompt.data.features import FeatureCache, extract_split_features
 from vlprompt.errors import ConfigError
-from vlprompt.index.features import FeatureCache, extract_split_features
 from vlprompt.methods import build_method
 from vlprompt.methods.baselines import FullFinetune
 from vlprompt.methods.rvlr import (
@@ -29,6 +28,7 @@ from vlprompt.methods.rvlr import (
     soft_targets,
     teacher_mix,
 )
+from vlprompt.runners.eval_run import evaluate_target
 
 DIMS = {"image_teacher_dim": 12, "text_teacher_dim": 10}
 
@@ -200,7 +200,7 @@ def test_training_keeps_teachers_frozen_and_evaluates(image_text_set, teachers, 
     # each batch's teacher rows are the features of exactly its images and captions
     pairs = vlprompt.data.ImageTextPairs(image_text_set / "train.json", image_text_set, None)
     text_cache = FeatureCache(text)
-    from vlprompt.index.features import caption_sample_id, image_sample_id
+    from vlprompt.data.features import caption_sample_id, image_sample_id
 
     for visual_index, sample_index, a, b in seen:
         assert not a.requires_grad and not b.requires_grad

@@ -61,3 +61,21 @@ def test_interaction_module():
     assert nv.shape == v.shape and nt.shape == t.shape
     m = CPMatrices(4, 5, 6, 2)
     torch.testing.assert_close(m.layer(1), cp_tensor(m.a, m.b, m.c)[1])
+
+
+def test_interaction_is_the_papers_mixing_with_bias_rows_and_m_0_1():
+    """Layer l: t' = v W_v2t[l][:-1] + W_v2t[l][-1] (last row = bias), v' likewise; v <- LN_v(0.9 v + 0.1 v'),
+    t <- LN_t(0.9 t + 0.1 t'); each matrix is (1/r) sum_k a[l, k] b[:, k] c[:, k]^T."""
+    torch.manual_seed(0)
+    inter = LowRankInteraction(3, 4, 5, rank=2)
+    assert inter.mix == 0.1
+    v, t = torch.randn(6, 4), torch.randn(6, 5)
+    for layer in range(3):
+        m = inter.v2t
+        w_vt = sum(m.a[layer, k] * torch.outer(m.b[:, k], m.c[:, k]) for k in range(2)) / 2
+        m = inter.t2v
+        w_tv = sum(m.a[layer, k] * torch.outer(m.b[:, k], m.c[:, k]) for k in range(2)) / 2
+        v_ref = inter.ln_v(0.9 * v + 0.1 * (t @ w_tv[:5] + w_tv[5]))
+        t_ref = inter.ln_t(0.9 * t + 0.1 * (v @ w_vt[:4] + w_vt[4]))
+        v_out, t_out = inter(layer, v, t)
+        assert torch.allclose(v_out, v_ref, atol=1e-5) and torch.allclose(t_out, t_ref, atol=1e-5)

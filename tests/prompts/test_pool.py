@@ -56,3 +56,20 @@ def test_layers_and_init_options():
         PromptPool(3, 1, 2, 2, top_k=4)
     with pytest.raises(ValueError, match="init"):
         PromptPool(3, 1, 2, 2, init="xavier")
+
+
+def test_defaults_top_k_bounds_pull_loss_scale_and_batchwise_ties():
+    """Defaults: top-1, no batchwise vote; top_k may equal the pool size; the pull loss sums over the k chosen keys
+    and averages over the batch; the batchwise vote breaks ties towards the lower prompt index."""
+    pool = PromptPool(4, 2, 3, key_dim=2)
+    with torch.no_grad():
+        pool.keys.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    out = pool(query)
+    assert out.indices.tolist() == [[0], [1]]  # top-1 each, not a batch vote
+    assert float(out.pull_loss) == pytest.approx(0.0, abs=1e-6)
+    two = pool(query, top_k=2)  # second picks: cos 0 each -> pull = (0 + 1) per sample, mean 1
+    assert float(two.pull_loss) == pytest.approx(1.0, abs=1e-6)
+    assert PromptPool(3, 1, 2, key_dim=2, top_k=3).top_k == 3
+    voted = pool.select(pool.similarity(query), batchwise=True)  # prompts 0 and 1 chosen once each: tie -> 0
+    assert voted.tolist() == [[0], [0]]

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from vlprompt.backbone.embedded import is_embedded_file, load_embedded_weights
 from vlprompt.errors import WeightsUnavailableError
+from vlprompt.run_layout import RUN_CONFIG, RUN_RESULTS, WEIGHTS, latest_checkpoint
 from vlprompt.safe_pickle import torch_refusal
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -30,10 +31,6 @@ EMBEDDED_MODELS = ("vlprompt-tiny", "vlprompt-small")
 #: The pretrained tag that selects the embedded world's weights for an embedded model.
 EMBEDDED_TAG = "world"
 
-#: A run directory's resolved config (what marks a folder as a run; see ``engine/rundir.py``).
-RUN_CONFIG = "config.yaml"
-#: What a run writes when its training has finished.
-RUN_RESULTS = "metrics.json"
 #: Where a method's checkpoint keeps the CLIP's own tensors (``Method.backbone`` -> ``Backbone.model``).
 RUN_MODEL_PREFIX = "backbone.model."
 
@@ -88,10 +85,6 @@ def run_model_tensors(run_dir: str | Path) -> dict[str, torch.Tensor]:
     A full fine-tuning run (method ``finetune``) holds every CLIP weight; a prompt method's run holds none, which
     is an error: its backbone is the one it started from (:func:`run_backbone`).
     """
-    # A run directory's layout (checkpoints/latest -> step_N/trainable.safetensors) has one home, the engine's
-    # checkpoint module; imported here, not at module level, because the engine imports this package.
-    from vlprompt.engine.checkpoint import WEIGHTS, latest_checkpoint
-
     run_dir = Path(run_dir).expanduser()
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:

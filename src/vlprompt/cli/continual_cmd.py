@@ -32,16 +32,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.config:
         raise ConfigError("give a config file (or --build-coco COCO_ROOT OUT_DIR)")
     from vlprompt.config import load_config
-    from vlprompt.engine.continual import run_continual
-    from vlprompt.engine.rundir import run_dir_for
+    from vlprompt.core.rundir import run_dir_for
+    from vlprompt.runners.continual import run_continual
 
     cfg = load_config(args.config, args.overrides)
     # Class-incremental classification (issue 7): configs whose method is a class-incremental one (itprompt,
-    # l2p_cil, dualprompt, coda_prompt, hide_prompt, zeroshot_cil) run in vlprompt.engine.cil instead.
-    from vlprompt.engine.cil import is_class_incremental
+    # l2p_cil, dualprompt, coda_prompt, hide_prompt, zeroshot_cil) run in vlprompt.runners.cil instead.
+    from vlprompt.runners.cil import is_class_incremental
 
     if is_class_incremental(cfg):
-        from vlprompt.engine.cil import print_cil_summary, run_class_incremental
+        from vlprompt.runners.cil import print_cil_summary, run_class_incremental
 
         results = run_class_incremental(cfg, progress=not args.quiet, log=None if args.json else print)
         if args.json:

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlprompt.engine.demo import DEFAULT_SECTIONS, SECTIONS, run_demo
+    from vlprompt.demo import DEFAULT_SECTIONS, SECTIONS, run_demo
     from vlprompt.errors import ConfigError
 
     if args.sections:

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlprompt.engine.runner import evaluate_target
+    from vlprompt.runners.eval_run import evaluate_target
 
     metrics = evaluate_target(
         args.target,

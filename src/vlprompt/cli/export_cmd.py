@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlprompt.engine.hub import export_run
+    from vlprompt.core.hub import export_run
 
     out = export_run(args.run_dir, args.out_dir, license=args.license, overwrite=args.overwrite)
     print(f"{out}: exported (config.yaml, trainable.safetensors, metrics.json, README.md)")

@@ -38,8 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_extract(args: argparse.Namespace) -> int:
     from vlprompt.backbone import load_backbone
     from vlprompt.config import load_config
-    from vlprompt.engine.trainer import resolve_device, seed_everything
-    from vlprompt.index.features import extract_split_features
+    from vlprompt.core.factory import resolve_device, seed_everything
+    from vlprompt.data.features import extract_split_features
 
     cfg = load_config(args.config, args.overrides)
     seed_everything(cfg.seed)
@@ -69,7 +69,7 @@ def run_extract(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from vlprompt.index.features import FeatureCache
+    from vlprompt.data.features import FeatureCache
 
     cache = FeatureCache(args.cache)
     if args.verify:

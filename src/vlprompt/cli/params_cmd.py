@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from vlprompt.config import load_config
-    from vlprompt.engine.cil import class_incremental_counts, is_class_incremental
-    from vlprompt.engine.trainer import build_model
+    from vlprompt.core.factory import build_model
+    from vlprompt.runners.cil import class_incremental_counts, is_class_incremental
 
     cfg = load_config(args.config, args.overrides)
     cfg.backbone.pretrained = None  # counting needs the architecture only, never the weights

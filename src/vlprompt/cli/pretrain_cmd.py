@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_config(args: argparse.Namespace) -> int:
     from vlprompt.config import load_config
-    from vlprompt.engine.pretrain import export_full_model, pretrain
+    from vlprompt.runners.pretrain import export_full_model, pretrain
 
     cfg = load_config(args.config, args.overrides)
     result, run_dir = pretrain(cfg, progress=not args.quiet)
@@ -65,7 +65,7 @@ def run_world(args: argparse.Namespace) -> int:
     import json
 
     from vlprompt.backbone.loading import cache_dir
-    from vlprompt.engine.pretrain import pretrain_embedded
+    from vlprompt.runners.pretrain import pretrain_embedded
 
     if args.overrides or args.export is not None:
         raise ConfigError("key=value overrides and --export go with a CONFIG, not with --world")

@@ -24,7 +24,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vlprompt.engine.run_report import write_run_report
+    from vlprompt.reports.runs import write_run_report
 
     path = write_run_report(args.runs, args.out, args.title)
     print(f"report: {path}")

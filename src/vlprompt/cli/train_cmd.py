@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlprompt.config import load_config
-    from vlprompt.engine import train
-    from vlprompt.engine.rundir import run_dir_for
+    from vlprompt.core import train
+    from vlprompt.core.rundir import run_dir_for
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, progress=not args.quiet)

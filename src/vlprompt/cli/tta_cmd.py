@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vlprompt.config import load_config
-    from vlprompt.engine.rundir import run_dir_for
-    from vlprompt.engine.tta import run_tta
+    from vlprompt.core.rundir import run_dir_for
+    from vlprompt.runners.tta import run_tta
 
     cfg = load_config(args.config, args.overrides)
     metrics = run_tta(cfg, progress=not args.quiet)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlprompt.data.imagenet_wnids import IN1K_IDS, IN_A_IDS, IN_R_IDS
 from vlprompt.errors import ConfigError, DataError
 
 SIMPLE_TEMPLATE = "a photo of a {}."
@@ -103,6 +104,48 @@ def imagenet_templates() -> list[str]:
     return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How one ImageNet variant names its folders and which ImageNet-1k classes it holds."""
+
+    description: str
+    subset: tuple[str, ...] | None = None  # wnids of a class subset (None = all 1000)
+    index_folders: bool = False  # folders are class indices (ImageNet-V2), not wnids
+
+
+VARIANTS: dict[str, Variant] = {
+    "imagenet": Variant("ImageNet-1k validation set, val/<wnid>/*.JPEG (50,000 images)"),
+    "imagenet-a": Variant("ImageNet-A, <wnid>/*.jpg, 200 classes (7,500 images)", tuple("n" + w for w in IN_A_IDS)),
+    "imagenet-r": Variant("ImageNet-R, <wnid>/*.jpg, 200 classes (30,000 images)", tuple("n" + w for w in IN_R_IDS)),
+    "imagenet-v2": Variant("ImageNet-V2 matched-frequency, <class index>/*.jpeg (10,000 images)", index_folders=True),
+    "imagenet-sketch": Variant("ImageNet-Sketch, <wnid>/*.JPEG, 1000 classes (50,889 images)"),
+}
+
+
+def imagenet_wnids() -> list[str]:
+    """The 1000 ImageNet-1k wnids in label order."""
+    return ["n" + w for w in IN1K_IDS]
+
+
+def variant_classes(name: str) -> ClassNames:
+    """The label space of an ImageNet variant: CLIP's class names, folders and ImageNet-1k indices."""
+    variant = _variant(name)
+    names, wnids = imagenet_classnames(), imagenet_wnids()
+    if variant.subset is not None:
+        index = {w: i for i, w in enumerate(wnids)}
+        indices = [index[w] for w in variant.subset]
+    else:
+        indices = list(range(len(wnids)))
+    folders = [str(i) if variant.index_folders else wnids[i] for i in indices]
+    return ClassNames(tuple(names[i] for i in indices), tuple(folders), source_indices=tuple(indices))
+
+
+def _variant(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ConfigError(f"unknown ImageNet variant {name!r}; known: {', '.join(VARIANTS)}")
+    return VARIANTS[name]
+
+
 def read_class_file(path: str | Path) -> ClassNames:
     """Class names from a file.
 
@@ -159,8 +202,6 @@ def load_class_names(spec: str, root: str | Path | None = None) -> ClassNames:
     """Class names by name (``imagenet``, ``imagenet-a``, ``imagenet-r``, ``imagenet-v2``, ``imagenet-sketch``,
     ``cifar100``), from a file (relative paths resolve against ``root``), or ``""``/``folders``: ``root``'s folders.
     """
-    from vlprompt.data.imagenet import VARIANTS, variant_classes
-
     if spec in VARIANTS:
         return variant_classes(spec)
     if spec == "cifar100":

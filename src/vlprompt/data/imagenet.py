@@ -9,63 +9,21 @@ Every variant is an ImageFolder tree; what differs is the label space:
   the label of folder ``"10"`` is 10 (a plain ImageFolder would sort the names as strings: 0, 1, 10, 100, ...).
 
 :class:`ClassificationFolder` reads any such tree against a fixed label space (also the embedded world's trees with
-its ``classes.json``): missing class folders only shrink the test set, they never shift labels.
+its ``classes.json``): missing class folders only shrink the test set, they never shift labels. The variants' label
+spaces (:data:`~vlprompt.data.classnames.VARIANTS`, :func:`~vlprompt.data.classnames.variant_classes`) are class
+names, so they live in :mod:`vlprompt.data.classnames`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
-from vlprompt.data.classnames import ClassNames, imagenet_classnames
+from vlprompt.data.classnames import ClassNames, variant_classes
 from vlprompt.data.imagefolder import LabelledImageFiles
-from vlprompt.data.imagenet_wnids import IN1K_IDS, IN_A_IDS, IN_R_IDS
 from vlprompt.data.media import Transform, drop_missing, image_files, log
-from vlprompt.errors import ConfigError, DataError
-
-
-@dataclass(frozen=True)
-class Variant:
-    """How one ImageNet variant names its folders and which ImageNet-1k classes it holds."""
-
-    description: str
-    subset: tuple[str, ...] | None = None  # wnids of a class subset (None = all 1000)
-    index_folders: bool = False  # folders are class indices (ImageNet-V2), not wnids
-
-
-VARIANTS: dict[str, Variant] = {
-    "imagenet": Variant("ImageNet-1k validation set, val/<wnid>/*.JPEG (50,000 images)"),
-    "imagenet-a": Variant("ImageNet-A, <wnid>/*.jpg, 200 classes (7,500 images)", tuple("n" + w for w in IN_A_IDS)),
-    "imagenet-r": Variant("ImageNet-R, <wnid>/*.jpg, 200 classes (30,000 images)", tuple("n" + w for w in IN_R_IDS)),
-    "imagenet-v2": Variant("ImageNet-V2 matched-frequency, <class index>/*.jpeg (10,000 images)", index_folders=True),
-    "imagenet-sketch": Variant("ImageNet-Sketch, <wnid>/*.JPEG, 1000 classes (50,889 images)"),
-}
-
-
-def imagenet_wnids() -> list[str]:
-    """The 1000 ImageNet-1k wnids in label order."""
-    return ["n" + w for w in IN1K_IDS]
-
-
-def variant_classes(name: str) -> ClassNames:
-    """The label space of an ImageNet variant: CLIP's class names, folders and ImageNet-1k indices."""
-    variant = _variant(name)
-    names, wnids = imagenet_classnames(), imagenet_wnids()
-    if variant.subset is not None:
-        index = {w: i for i, w in enumerate(wnids)}
-        indices = [index[w] for w in variant.subset]
-    else:
-        indices = list(range(len(wnids)))
-    folders = [str(i) if variant.index_folders else wnids[i] for i in indices]
-    return ClassNames(tuple(names[i] for i in indices), tuple(folders), source_indices=tuple(indices))
-
-
-def _variant(name: str) -> Variant:
-    if name not in VARIANTS:
-        raise ConfigError(f"unknown ImageNet variant {name!r}; known: {', '.join(VARIANTS)}")
-    return VARIANTS[name]
+from vlprompt.errors import DataError
 
 
 class ClassificationFolder(LabelledImageFiles):

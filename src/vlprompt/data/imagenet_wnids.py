@@ -1,6 +1,6 @@
 """WordNet ids of ImageNet-1k (label order: sorted ids) and of the 200-class ImageNet-A / ImageNet-R subsets.
 
-Stored without the leading ``n`` to stay compact; :mod:`vlprompt.data.imagenet` adds it back.
+Stored without the leading ``n`` to stay compact; :mod:`vlprompt.data.classnames` adds it back.
 """
 
 # ruff: noqa: E501

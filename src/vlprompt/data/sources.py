@@ -2,7 +2,8 @@
 
 Image-text formats yield ``(image, caption, index)`` pairs and ``(image, index)`` gallery items; video formats
 yield ``(frames, mask, caption, index)`` and ``(frames, mask, index)``. Everything else (the trainer, the
-evaluator) only looks at that shape.
+evaluator) only looks at that shape. :func:`classification_set` gives a classification test set (an ImageNet
+variant or a class-folder tree), as test-time adaptation reads it.
 
 :func:`split_files` is the one rule for where a split's files are (every command goes through it): a relative
 ``data.<split>`` path resolves against ``data.root`` (the working directory when it is empty); relative image
@@ -21,6 +22,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from vlprompt.data.classnames import VARIANTS, load_class_names
+from vlprompt.data.imagenet import ClassificationFolder, read_variant
 from vlprompt.data.karpathy import (
     GalleryImages,
     ImageTextPairs,
@@ -186,3 +189,18 @@ def eval_set(data: Any, split: str, spec: VisualSpec) -> EvalSet | None:
     gallery = split_files(data, split).gallery(strict=data.strict)
     images = GalleryImages(gallery, spec.image_eval, strict=data.strict)
     return EvalSet(images, gallery.captions, gallery.txt2img, gallery.num_images, ("t2i", "i2t"), images.bad_samples)
+
+
+def classification_set(data: Any, classes: str = "") -> ClassificationFolder:
+    """The test images of ``data`` (an ImageNet variant, or an ImageFolder tree named by ``classes``, e.g. the
+    ``tta.classes`` key: a class-name spec of :func:`~vlprompt.data.classnames.load_class_names`)."""
+    if not data.root:
+        raise ConfigError("data.root is empty: give the folder of the test images")
+    folder = data_path(data, data.test) if data.test else Path(data.root).expanduser()  # the rule of every split
+    if data.format in VARIANTS:
+        return read_variant(data.format, folder, strict=data.strict)
+    if data.format != "imagefolder":
+        known = ", ".join(["imagefolder", *VARIANTS, "karpathy (rlcf_retrieval)"])
+        raise ConfigError(f"data.format {data.format!r} is not a TTA classification format; use one of: {known}")
+    names = load_class_names(classes, data.root if classes else folder)
+    return ClassificationFolder(folder, names, strict=data.strict)

@@ -6,9 +6,9 @@ Layout of an index folder::
     items.jsonl     one JSON record per index row: id, kind, path relative to ``media_root``, captions (or the
                     caption itself for a text index), and where its embedding is (``part``, ``cache_row``)
     index.faiss     the FAISS index (inner product on L2-normalised embeddings = cosine similarity)
-    cache/<kind>/   the embeddings, a :class:`~vlprompt.index.features.FeatureCache` per kind of input
+    cache/<kind>/   the embeddings, a :class:`~vlprompt.data.features.FeatureCache` per kind of input
 
-Extraction goes through :func:`~vlprompt.index.features.extract_features`, so a crash loses at most the shard in
+Extraction goes through :func:`~vlprompt.data.features.extract_features`, so a crash loses at most the shard in
 progress: building again with the same arguments resumes, and building with another ``kind`` of FAISS index
 reuses the cache without encoding anything. ``manifest.json`` is written last; an index folder without it is
 unfinished. Items whose media fail to decode are left out of the index (listed in ``manifest["skipped"]``).
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vlprompt.data.features import FeatureCache, extract_features
 from vlprompt.errors import ConfigError, DataError
-from vlprompt.index.features import FeatureCache, extract_features
 from vlprompt.index.sources import Part, collect_parts, resolve_data, resolve_model
 from vlprompt.methods import Method
 
@@ -127,7 +127,7 @@ def _write_text(path: Path, text: str) -> None:
 # ---- encoding -----------------------------------------------------------------------------------------
 def part_encoder(method: Method, kind: str, autocast: str = "none") -> Callable[[Any], torch.Tensor]:
     """``encode(batch)`` for a part's collated batches: images, (frames, mask) pairs or caption strings."""
-    from vlprompt.engine.evaluate import autocast_context
+    from vlprompt.core.evaluate import autocast_context
 
     device = method.backbone.device
     plans = method.plans()  # sample-independent: computed once for the whole gallery
@@ -244,9 +244,9 @@ def build_from_parts(
 
 
 def _versions(faiss: Any) -> dict[str, str]:
-    import vlprompt
+    from vlprompt.version import __version__
 
-    return {"vlprompt": vlprompt.__version__, "torch": torch.__version__, "faiss": faiss.__version__}
+    return {"vlprompt": __version__, "torch": torch.__version__, "faiss": faiss.__version__}
 
 
 def build_index(

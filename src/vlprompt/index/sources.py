@@ -27,12 +27,12 @@ import torch
 from torch.utils.data import Dataset
 
 from vlprompt.config import Config, DataConfig, load_config
+from vlprompt.data.features import ImageFiles, caption_sample_id, image_sample_id
 from vlprompt.data.karpathy import implied_image_root
 from vlprompt.data.media import MISSING, UNREADABLE, BadSamples, is_image_file
 from vlprompt.data.sources import split_files
 from vlprompt.data.video import VideoTransform, is_video_file, read_frames
 from vlprompt.errors import ConfigError, DataError
-from vlprompt.index.features import ImageFiles, caption_sample_id, image_sample_id
 from vlprompt.methods import Method
 
 KINDS = ("image", "video", "text")
@@ -59,7 +59,7 @@ def _is_run_dir(path: Path) -> bool:
 def model_spec(target: str, pretrained: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The JSON description of ``--model`` (run dir, exported folder, ``hf-hub:`` id, config or backbone name) with
     its fingerprint."""
-    from vlprompt.engine.hub import HUB_PREFIX, resolve_trained
+    from vlprompt.core.hub import HUB_PREFIX, resolve_trained
 
     path = Path(target).expanduser()
     # A run directory, an exported folder (its own checkpoint) or, without --pretrained, hf-hub:ORG/NAME: a vlprompt
@@ -106,8 +106,8 @@ def spec_config(spec: dict[str, Any]) -> Config | None:
 def load_model(spec: dict[str, Any], device: str | torch.device = "auto") -> Method:
     """The encoder a spec describes, in eval mode; refuses a run whose checkpoint changed since the spec was made."""
     from vlprompt.backbone import load_backbone
-    from vlprompt.engine.checkpoint import load_trainable
-    from vlprompt.engine.trainer import build_model, resolve_device, seed_everything
+    from vlprompt.core.checkpoint import load_trainable
+    from vlprompt.core.factory import build_model, resolve_device, seed_everything
     from vlprompt.methods import build_method
 
     device = resolve_device(device) if isinstance(device, str) else device
@@ -236,8 +236,8 @@ def collect_parts(source: DataSource, modality: str, method: Method, num_frames:
         if modality == "text":
             raise ConfigError("a folder has no captions to index; use --modality visual (or an annotation file)")
         return _folder_parts(source.folder, b.preprocess_val, video_transform, num_frames or 12)
+    from vlprompt.core.factory import visual_spec
     from vlprompt.data.sources import eval_set
-    from vlprompt.engine.trainer import visual_spec
 
     data = source.data
     gallery = eval_set(data, source.split, visual_spec(b))

@@ -7,9 +7,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vlprompt.backbone import Backbone
-from vlprompt.config import options_from_dict
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import METHODS, Method
+from vlprompt.options import options_from_dict
 
 #: Field metadata of an option that is itself a method section (e.g. RVLR's ``base``), validated the same way.
 METHOD_SECTION = "method_section"

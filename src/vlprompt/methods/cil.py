@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone, PromptPlan
-from vlprompt.config import nonneg
 from vlprompt.methods.base import Method, register_method
+from vlprompt.options import nonneg
 
 #: What ``end_task`` receives: a function returning batches ``(images, labels, queries)`` of the task's training
 #: data under the deterministic (evaluation) transform.

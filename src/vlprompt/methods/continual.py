@@ -1,6 +1,6 @@
 """Task-aware methods for continual runs: the hooks the continual runner calls, and per-task prompts with routing.
 
-The runner (``vlprompt.engine.continual``) drives any :class:`~vlprompt.methods.base.Method`; a plain method is
+The runner (``vlprompt.runners.continual``) drives any :class:`~vlprompt.methods.base.Method`; a plain method is
 simply trained on every task in turn (sequential fine-tuning). A :class:`ContinualMethod` additionally learns
 which task is current (``begin_task``), may fit routing keys after a task (``fit_keys``) and encodes evaluation
 inputs per sample (``encode_images_eval`` / ``encode_texts_eval``), e.g. with the prompts of a routed task.

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.backbone import Backbone, PromptPlan
-from vlprompt.config import count, nonneg
 from vlprompt.methods.base import Method, Plans, register_method
+from vlprompt.options import count, nonneg
 from vlprompt.prompts import DGLLinearPrompts, DGLPrompts, DGLTransformerPrompts
 
 VIDEO_EMBEDDINGS = ("auto", "frame_mean", "global_prompt0", "global_mean", "global_and_frame_mean")
@@ -48,10 +48,10 @@ class DGLOptions:
     n_global: int = count(4)  # G global prompts
     n_local: int = count(4)  # P local prompts per frame (and P prefix + P postfix text prompts)
     depth: int = nonneg(0)  # prompt layers K (0 = every layer)
-    frames: int = nonneg(0)  # T, for the transformer's per-frame prompts; 0 = data.num_frames (set by the engine)
+    frames: int = nonneg(0)  # T, for the transformer's per-frame prompts; 0 = data.num_frames (set by the factory)
     video_embedding: str = "auto"  # auto: frame_mean, or global_prompt0 with a reference checkpoint
     postfix: str = "auto"  # auto: before_eot, or inert with a reference checkpoint
-    reference_checkpoint: str = ""  # an official DGL checkpoint to start from (read by the engine)
+    reference_checkpoint: str = ""  # an official DGL checkpoint to start from (read by the factory)
 
 
 def effective_behaviour(options: DGLOptions, key: str) -> str:

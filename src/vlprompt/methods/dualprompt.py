@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
-from vlprompt.config import count, nonneg, ranged
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import CILOptions, ClassIncrementalMethod
+from vlprompt.options import count, nonneg, ranged
 from vlprompt.prompts.dualprompt import DualPromptPrompts
 
 

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
-from vlprompt.config import count, nonneg, positive, ranged, unit
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import (
     CILOptions,
@@ -45,6 +44,7 @@ from vlprompt.methods.task_inference import (
     fit_classifier,
     sample_pseudo_features,
 )
+from vlprompt.options import count, nonneg, positive, ranged, unit
 from vlprompt.prompts.dualprompt import TaskPrefixPrompts, prefix_plan
 
 

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.backbone import Backbone
-from vlprompt.config import count, nonneg, ranged
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import check_choices, scalar
 from vlprompt.methods.hide import HiDeOptions, HiDePrompt
+from vlprompt.options import count, nonneg, ranged
 
 
 @dataclass

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vlprompt.backbone import Backbone, PromptPlan
-from vlprompt.config import count, nonneg
 from vlprompt.methods.base import Plans, register_method
 from vlprompt.methods.continual import ContinualMethod
+from vlprompt.options import count, nonneg
 from vlprompt.prompts.pool import PromptPool
 
 

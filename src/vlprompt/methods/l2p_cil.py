@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from vlprompt.backbone import Backbone
-from vlprompt.config import count, nonneg, ranged
 from vlprompt.methods.base import register_method
 from vlprompt.methods.cil import CILOptions, ClassIncrementalMethod
+from vlprompt.options import count, nonneg, ranged
 from vlprompt.prompts.dualprompt import prefix_plan
 from vlprompt.prompts.pool import PromptPool
 

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
-from vlprompt.config import count, nonneg, positive
 from vlprompt.methods.base import register_method
 from vlprompt.methods.continual import TaskPromptMethod
+from vlprompt.options import count, nonneg, positive
 from vlprompt.prompts.lpi import DecomposedPrompt, LowRankInteraction
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlprompt.backbone import Backbone, PromptPlan
-from vlprompt.config import count
 from vlprompt.methods.base import Method, Plans, register_method
+from vlprompt.options import count
 from vlprompt.prompts import CoupledPrompts
 
 

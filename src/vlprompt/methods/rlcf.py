@@ -10,7 +10,7 @@ Since the rewards of one input sum to zero, ``d loss / d z_s = -(1 / (S K)) sum_
   temperature, as the reference does), one query at a time against cached candidate features.
 
 Several reward models with weights give RLCF-S (the paper's confidences {L/14@336: 10, RN50x64: 3, L/14: 5},
-normalised and rounded to two decimals); RLCF-S-M adds the engine's momentum weight averaging.
+normalised and rounded to two decimals); RLCF-S-M adds the TTA runner's momentum weight averaging.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone, PromptPlan
-from vlprompt.config import count, ranged
 from vlprompt.data.classnames import format_prompts
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import Method, register_method
 from vlprompt.methods.tpt import ClassificationTTA, Episode, TPTOptions
+from vlprompt.options import count, ranged
 
 CLIPSCORE_WEIGHT = 2.5
 

@@ -22,7 +22,7 @@ Distances (honest names for the reference code's ``--distance``): ``mae`` (the o
 ``cumsum_mae`` (what the reference calls ``kl``: MAE between cumulative sums of the unsorted flattened
 off-diagonal vectors). The reference's ``wd`` mode (trainable teacher MLPs, text-distance weights) is not offered.
 
-Teachers are precomputed, frozen feature caches (:mod:`vlprompt.index.features`), looked up by sample id: the
+Teachers are precomputed, frozen feature caches (:mod:`vlprompt.data.features`), looked up by sample id: the
 trainer calls :meth:`RVLR.bind_train_set` once and passes each batch's dataset and image indices.
 """
 
@@ -39,10 +39,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
-from vlprompt.config import nonneg, positive, unit
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import Method, Plans, register_method
 from vlprompt.methods.build import build_method, method_section
+from vlprompt.options import nonneg, positive, unit
 
 DISTANCES = ("mae", "mse", "cumsum_mae")
 STUDENT_RELATIONS = ("single_modal", "pair")
@@ -114,7 +114,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """All-gather over the process group, differentiable (identity without a process group).
 
     Every rank's gradient reaches every slice, so after DDP's averaging the step equals a single-process step on
-    the global batch (as :mod:`vlprompt.engine.distributed` does for the CLIP loss). The reference code sends
+    the global batch (as :mod:`vlprompt.core.distributed` does for the CLIP loss). The reference code sends
     gradients into the local slice only, which scales its gradients by 1/world_size.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -218,7 +218,7 @@ class RVLR(Method):
         """Map the training set's images and captions to teacher rows (ids and checksum checked)."""
         if not self.uses_teachers:
             return
-        from vlprompt.index.features import FeatureCache, pair_sample_ids
+        from vlprompt.data.features import FeatureCache, pair_sample_ids
 
         image_cache, text_cache = FeatureCache(self.options.image_teacher), FeatureCache(self.options.text_teacher)
         for cache, linear, what in ((image_cache, self.rep_image, "image"), (text_cache, self.rep_text, "text")):

@@ -14,9 +14,9 @@ from typing import Any
 from torch import nn
 
 from vlprompt.backbone import Backbone
-from vlprompt.config import count, nonneg
 from vlprompt.methods.base import Plans, register_method
 from vlprompt.methods.continual import ContinualMethod, TaskPromptMethod, prompt_pair_plans
+from vlprompt.options import count, nonneg
 from vlprompt.prompts.lpi import FullRankPrompt
 
 

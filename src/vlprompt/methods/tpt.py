@@ -8,7 +8,7 @@ variants, class prompts, confident-view selection and the per-sample :class:`Epi
 - ``tune: encoder``: the image tower trains (all of it, or only its normalisation layers); class features are
   fixed and computed once per class list.
 
-The engine (``vlprompt.engine.tta``) owns the episode loop: ``begin`` (views -> selection), ``loss`` per step,
+The TTA runner (``vlprompt.runners.tta``) owns the episode loop: ``begin`` (views -> selection), ``loss`` per step,
 ``predict``, then it restores the trainable tensors.
 """
 
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone, PromptPlan
-from vlprompt.config import count, nonneg
 from vlprompt.data.classnames import format_prompts, split_template, underscore_template
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import Method, Plans, register_method
+from vlprompt.options import count, nonneg
 from vlprompt.prompts import TextContext
 from vlprompt.safe_pickle import load_torch_tensors
 
