@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -61,3 +63,12 @@ def emit(report: dict[str, Any], out: Path | None = None) -> None:
     print(text)
     if out:
         out.write_text(text + "\n")
+
+
+def load_golden() -> ModuleType:
+    """``tests/methods/golden.py``: the seeded weights and inputs that the golden tests and recorders share."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "methods" / "golden.py"
+    spec = importlib.util.spec_from_file_location("golden", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 import types
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import environment, median_seconds, peak_memory_mb
+from common import environment, load_golden, median_seconds, peak_memory_mb
 from dgl_step import floor
 
 import vlprompt
@@ -42,7 +41,6 @@ from vlprompt.methods import build_method
 from vlprompt.methods.dgl import from_reference_state_dict, to_reference_state_dict
 
 CAPTION = "a man is playing a guitar on a stage in front of a crowd"
-REPO = Path(__file__).resolve().parents[1]
 #: The golden configuration: small enough for a test on two CPU cores, every prompt path of the reference used.
 GOLDEN = {
     "seed": 0,
@@ -58,14 +56,6 @@ GOLDEN = {
     "captions": ["a man is playing a guitar on a stage", "a cat jumps onto a red sofa",
                  "two people are cooking pasta in a small kitchen while talking about the weather"],
 }  # fmt: skip
-
-
-def load_golden() -> types.ModuleType:
-    """``tests/methods/golden.py``: the seeded weights and inputs that the golden tests rebuild."""
-    spec = importlib.util.spec_from_file_location("golden", REPO / "tests" / "methods" / "golden.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def import_reference_clip(path: Path) -> types.ModuleType:

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import load_golden
 
-REPO = Path(__file__).resolve().parents[1]
 #: Third-party modules the reference imports at module level but the recorded paths never use.
 UNUSED_IMPORTS = ("sklearn", "sklearn.cluster", "scipy", "scipy.spatial", "scipy.spatial.distance", "loguru")
 #: The reference ``DecomposedPrompt`` factors → ours (``vlprompt.prompts.lpi.DecomposedPrompt``).
@@ -64,14 +64,6 @@ GOLDEN = {
     # query i of each modality gets a key of task ROUTES[modality][i] near its frozen feature (clear margins)
     "routes": {"image": [2, 0, 4, 1, 3], "text": [1, 3, 0, 4, 2]},
 }  # fmt: skip
-
-
-def load_golden() -> types.ModuleType:
-    """``tests/methods/golden.py``: the seeded weights and inputs that the golden tests rebuild."""
-    spec = importlib.util.spec_from_file_location("golden", REPO / "tests" / "methods" / "golden.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Absent(types.ModuleType):
