@@ -75,6 +75,16 @@ def _captions(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]:
     return tmp / "raw-captions.pkl", lambda: read_msvd(tmp, tmp / "videos", "test")
 
 
+def _refer_refs(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]:
+    from vlprompt.data.grounding import read_refer
+
+    folder = tmp / "refcoco"
+    folder.mkdir()
+    (folder / "refs(unc).p").write_bytes(_planted_pickle(marker, lambda p: [{"ref_id": 1, "sentences": p}]))
+    (folder / "instances.json").write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    return folder / "refs(unc).p", lambda: read_refer(folder, "val")
+
+
 def _reference(tmp: Path, marker: Path) -> tuple[Path, Callable[[], object]]:
     from vlprompt.core.checkpoint import load_reference_checkpoint
 
@@ -136,6 +146,7 @@ READERS = {
     "cifar100 batch": _cifar,
     "cifar100 meta": _cifar_meta,
     "caption pickle": _captions,
+    "refer refs pickle": _refer_refs,
     "reference checkpoint": _reference,
     "coop context": _coop_context,
     "backbone checkpoint": _backbone_file,
