@@ -67,7 +67,7 @@ def test_defaults_top_k_bounds_pull_loss_scale_and_batchwise_ties():
     query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     out = pool(query)
     assert out.indices.tolist() == [[0], [1]]  # top-1 each, not a batch vote
-    assert float(out.pull_loss) == pytest.approx(0.0, abs=1e-6)
+    assert float(out.pull_loss.detach()) == pytest.approx(0.0, abs=1e-6)
     two = pool(query, top_k=2)  # second picks: cos 0 each -> pull = (0 + 1) per sample, mean 1
     assert float(two.pull_loss) == pytest.approx(1.0, abs=1e-6)
     assert PromptPool(3, 1, 2, key_dim=2, top_k=3).top_k == 3
