@@ -12,8 +12,10 @@ connections on loopback and sends text queries (the items' captions, in a fixed 
 ``--requests`` have been answered or ``--max-seconds`` have passed, after ``--warmup`` uncounted ones. The
 client is a few lines of asyncio HTTP/1.1 (standard library only): on a small machine it shares the CPU with the
 service, so it should cost as little as possible. Latency is from sending a request to reading its whole
-answer; an error is any answer other than 200 (counted by status) or a failed connection. With ``--repeats``
-each level's figures are the medians over the repeats; the load average of the machine is recorded beside them.
+answer; an error is any answer other than 200 (counted by status) or a failed connection. The service's CPU
+time per answered request (from /proc, Linux) is reported too: on a machine shared with other work it moves much
+less than requests/s. With ``--repeats`` each level's figures are the medians over the repeats (errors summed);
+the machine's load average before and after is recorded beside them.
 """
 
 from __future__ import annotations
@@ -112,9 +114,22 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def load(port: int, targets: list[str], clients: int, requests: int, max_seconds: float,
-               timeout: float) -> dict[str, Any]:  # fmt: skip
-    """``clients`` connections sending ``targets`` in turn until ``requests`` are answered or time is up."""
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) process ``pid`` has used so far, where /proc tells (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+async def load(port: int, targets: list[str], clients: int, requests: int, max_seconds: float, timeout: float,
+               server_pid: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """``clients`` connections sending ``targets`` in turn until ``requests`` are answered or time is up.
+
+    With ``server_pid``, also the service's CPU milliseconds per answered request: unlike requests/s, that
+    figure hardly moves when other work on the machine takes CPU time away from the service.
+    """
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     sent = 0
@@ -139,9 +154,14 @@ async def load(port: int, targets: list[str], clients: int, requests: int, max_s
                 errors[str(status)] += 1
         conn.close()
 
+    cpu_before = cpu_seconds(server_pid) if server_pid else None
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - start
+    cpu_after = cpu_seconds(server_pid) if server_pid else None
+    cpu_ms = None
+    if cpu_before is not None and cpu_after is not None and latencies:
+        cpu_ms = round(1000 * (cpu_after - cpu_before) / len(latencies), 3)
     cuts = statistics.quantiles(latencies, n=100, method="inclusive") if len(latencies) > 1 else latencies * 99
     return {
         "answered": len(latencies),
@@ -149,6 +169,7 @@ async def load(port: int, targets: list[str], clients: int, requests: int, max_s
         "requests_per_s": round(len(latencies) / wall, 1),
         "p50_ms": round(cuts[49], 2),
         "p99_ms": round(cuts[98], 2),
+        "server_cpu_ms_per_request": cpu_ms,
         "errors": sum(errors.values()),
         "error_kinds": dict(errors),
     }
@@ -156,9 +177,8 @@ async def load(port: int, targets: list[str], clients: int, requests: int, max_s
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Each figure's median over the repeats (errors summed), and the runs themselves."""
-    out: dict[str, Any] = {
-        key: statistics.median(r[key] for r in runs) for key in ("requests_per_s", "p50_ms", "p99_ms")
-    }
+    keys = ("requests_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_request")
+    out: dict[str, Any] = {k: statistics.median(r[k] for r in runs) if runs[0][k] is not None else None for k in keys}
     out["errors"] = sum(r["errors"] for r in runs)
     out["runs"] = runs
     return out
@@ -191,7 +211,9 @@ def main() -> None:
                 for clients in args.clients:
                     asyncio.run(load(port, targets, clients, args.warmup, args.max_seconds, args.timeout))
                     runs[clients].append(
-                        asyncio.run(load(port, targets, clients, args.requests, args.max_seconds, args.timeout))
+                        asyncio.run(
+                            load(port, targets, clients, args.requests, args.max_seconds, args.timeout, server.pid)
+                        )
                     )
         finally:
             server.terminate()

@@ -106,6 +106,7 @@ def test_no_path_traversal(client: TestClient, index_dir: Path, tmp_path: Path) 
 def test_serve_binds_localhost_by_default() -> None:
     args = build_parser().parse_args(["serve", "some_index"])
     assert args.host == "127.0.0.1" and args.port == 8000
+    assert (args.max_queue, args.max_batch, args.threads) == (64, 32, None)
     from vlprompt.cli.serve_cmd import _is_loopback
 
     assert _is_loopback("127.0.0.1") and _is_loopback("::1") and not _is_loopback("0.0.0.0")
@@ -118,6 +119,9 @@ def test_serve_refuses_a_bad_port_or_index(index_dir: Path, tmp_path: Path, caps
     assert "--port must be from 0 to 65535, got 70000" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--device", "cpu"]) == 2  # refused before any server starts
     assert "not an index folder" in capsys.readouterr().err
+    for flag in ("--max-queue", "--max-batch", "--threads"):
+        assert main(["serve", str(index_dir), flag, "0"]) == 2
+        assert f"{flag} must be at least 1, got 0" in capsys.readouterr().err
 
 
 # ---- issue 14: bad input gets a clear answer, never a 500 -----------------------------------------------
@@ -296,10 +300,14 @@ def test_a_data_error_while_serving_is_a_503(index: SearchIndex, monkeypatch: py
 
     app = TestClient(create_app(index))
 
-    def damaged(*args: object, **kwargs: object) -> None:
-        raise DataError("feature cache /secret/place/cache/image: shard_00000.npy is missing or damaged")
+    search_batch = index.search_batch
 
-    monkeypatch.setattr(index, "search_like", damaged)
+    def damaged(queries: list, k: object) -> object:  # item 3's cache row cannot be read
+        if 3 in queries:
+            raise DataError("feature cache /secret/place/cache/image: shard_00000.npy is missing or damaged")
+        return search_batch(queries, k)
+
+    monkeypatch.setattr(index, "search_batch", damaged)
     for url in ("/", "/api/search"):
         response = app.get(url, params={"like": "3"})
         assert response.status_code == 503 and "damaged" in response.text and "/secret/place" not in response.text

@@ -4,6 +4,8 @@ HTTP, get a status and a message that the client reads, instead of a connection 
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import socket
 import threading
 import time
@@ -19,10 +21,13 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from vlprompt.index.service import MAX_HEAD_BYTES, MAX_QUERY_CHARS, create_app, http_protocol, server_config  # noqa: E402
 
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
 
 @pytest.fixture(scope="module")
-def port(index: Any) -> Iterator[int]:
-    sock = socket.socket()
+def live(index: Any) -> Iterator[tuple[Any, int]]:
+    """The server and its port."""
+    sock = socket.socket()  # proto 0, as handed-over sockets often are: asyncio leaves Nagle on for these
     sock.bind(("127.0.0.1", 0))  # the server takes over this socket: no race for the port
     server = uvicorn.Server(server_config(create_app(index), log_level="error"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -31,10 +36,15 @@ def port(index: Any) -> Iterator[int]:
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "the test server did not start"
-    yield sock.getsockname()[1]
+    yield server, sock.getsockname()[1]
     server.should_exit = True
     thread.join(timeout=10)
     sock.close()
+
+
+@pytest.fixture(scope="module")
+def port(live: tuple[Any, int]) -> int:
+    return live[1]
 
 
 def exchange(port: int, request: bytes) -> tuple[int, bytes]:
@@ -78,11 +88,81 @@ def test_requests_of_any_size_get_a_status_and_a_message(port: int, case: str) -
 
 
 def test_serve_uses_the_bounded_server(index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vlprompt.index.service import serve
+    from vlprompt.index.service import MAX_BATCH, MAX_QUEUE, default_threads, serve
 
     started: list[Any] = []
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: started.append(self.config))
-    serve(index_dir, port=8123, device="cpu", log_level="error")
+    gc.unfreeze()
+    try:
+        serve(index_dir, port=8123, device="cpu", log_level="error")
+        # what was loaded (torch, the model, the index) is kept out of the collector's full passes
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
     (config,) = started
     assert config.http is http_protocol() and config.h11_max_incomplete_event_size == MAX_HEAD_BYTES
     assert (config.host, config.port) == ("127.0.0.1", 8123)
+    batcher = config.app.state.batcher
+    assert (batcher.max_queue, batcher.max_batch, batcher.threads) == (MAX_QUEUE, MAX_BATCH, default_threads())
+    try:
+        serve(index_dir, device="cpu", log_level="error", max_queue=5, max_batch=3, threads=2)
+    finally:
+        gc.unfreeze()
+    batcher = started[1].app.state.batcher
+    assert (batcher.max_queue, batcher.max_batch, batcher.threads) == (5, 3, 2)
+
+
+def test_answers_leave_at_once(live: tuple[Any, int]) -> None:
+    """Nagle's algorithm is off on every connection, also when the listening socket came from outside: an answer
+    is two writes, and with Nagle on the second waits for the client's delayed acknowledgement of the first."""
+    server, port = live
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert conn.recv(1 << 16).startswith(b"HTTP/1.1 200")
+        (mine,) = [p for p in server.server_state.connections
+                   if p.transport.get_extra_info("peername") == conn.getsockname()]  # fmt: skip
+        served = mine.transport.get_extra_info("socket")
+        assert served.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_a_client_gone_before_the_close_is_no_server_error() -> None:
+    """Closing after an answer to a client that has already disconnected: write_eof fails (ENOTCONN), and the
+    connection is closed without lingering instead of raising inside the server."""
+    from vlprompt.index.service import _LingeringTransport
+
+    class Gone:
+        closed = False
+
+        def is_closing(self) -> bool:
+            return self.closed
+
+        def can_write_eof(self) -> bool:
+            return True
+
+        def write_eof(self) -> None:
+            raise OSError(107, "Transport endpoint is not connected")
+
+        def resume_reading(self) -> None:
+            raise AssertionError("there is nobody to linger for")
+
+        def close(self) -> None:
+            self.closed = True
+
+    loop = asyncio.new_event_loop()
+    try:
+        gone = Gone()
+        transport = _LingeringTransport(gone, loop)  # type: ignore[arg-type]
+        transport.close()
+        assert gone.closed and transport.is_closing()
+    finally:
+        loop.close()
+
+
+def test_the_load_benchmark_counts_answers_and_errors(port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import serve_load
+
+    targets = ["/api/search?q=a+red+star&k=2", "/thumb/999"]  # requests alternate: answered, 404
+    result = asyncio.run(serve_load.load(port, targets, 3, 12, 60.0, 30.0))
+    assert (result["answered"], result["errors"], result["error_kinds"]) == (6, 6, {"404": 6})
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["requests_per_s"] > 0

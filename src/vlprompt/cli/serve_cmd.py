@@ -10,6 +10,7 @@ import argparse
 import ipaddress
 
 from vlprompt.errors import ConfigError
+from vlprompt.index.service import MAX_BATCH, MAX_QUEUE  # fastapi and uvicorn are imported only to serve
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +21,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--media-root", default=None, help="where the indexed media are now, if moved since the build")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--max-queue", type=int, default=MAX_QUEUE,
+                   help=f"searches that may wait for the encoder; more get a 503 (default {MAX_QUEUE})")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                   help=f"searches encoded together at most (default {MAX_BATCH})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the query encoder (default: every core but one)")
     p.set_defaults(func=run)
 
 
@@ -40,5 +47,10 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         print(f"warning: serving on {args.host}: other machines can query this index and see its media")
     print(f"serving {args.index} on http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
-    serve(args.index, args.host, args.port, args.device, args.media_root, args.log_level)
+    for name in ("max_queue", "max_batch", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    serve(args.index, args.host, args.port, args.device, args.media_root, args.log_level, args.max_queue,
+          args.max_batch, args.threads)  # fmt: skip
     return 0

@@ -216,11 +216,29 @@ class SearchIndex:
             raise DataError("this SearchIndex was opened without its encoder (encoder=False)")
         return self.method
 
-    @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """Query embeddings ``[n, dim]`` of texts."""
+        return self.encode_texts(texts)[0]
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
+        """Query embeddings ``[n, dim]`` of texts and, per text, whether the encoder read only its start (the
+        tokens past :attr:`max_query_tokens` cut off).
+
+        One tokenization tells both, which matters: the tokenizer costs a good share of a small model's pass. A
+        cut text ends with end-of-text in the last place (the tokenizer writes it over the last token kept), so
+        only the texts that end there, cut or fitting exactly, are counted again (:meth:`query_tokens`).
+        """
         method = self._encoder()
-        return method.encode_text(list(texts), self._plans).float().cpu().numpy()
+        tokens = method.tokenize(list(texts))
+        vectors = method.encode_text(tokens, self._plans).float().cpu().numpy()
+        tower = method.backbone.text
+        if getattr(tower, "pool_type", None) in ("argmax", "eos"):  # the tower finds end-of-text: so can we
+            ends_last = (tower.pool_positions(tokens) == tokens.shape[1] - 1).tolist()
+        else:
+            ends_last = [True] * len(texts)
+        cut = [bool(last) and (self.query_tokens(t) or 0) > self.max_query_tokens for t, last in zip(texts, ends_last)]
+        return vectors, cut
 
     @torch.no_grad()
     def encode_media(self, path: str | os.PathLike) -> np.ndarray:
@@ -273,8 +291,47 @@ class SearchIndex:
 
     def search(self, text: str, k: int = 10) -> list[Hit]:
         """The top-k items for a text query."""
-        scores, rows = self.search_vectors(self.encode_text([text]), k)
-        return self.hits(scores[0], rows[0])
+        return self.search_many([text], k)[0]
+
+    def search_many(self, queries: Sequence[str | int], k: int | Sequence[int] = 10) -> list[list[Hit]]:
+        """The top-k items of each query, a text or the row of an item (as :meth:`search_like`), at once.
+
+        The texts share one encoder pass, items' embeddings come from the caches, and the queries that ask for the
+        same k are searched together (one FAISS call each, as k decides how many candidates are re-scored). So each
+        query gets the hits it gets alone; only the encoder's float rounding may differ between a batch and a
+        single text (a matrix product's summation order depends on its shape), which moves scores by about 1e-7.
+        ``k`` is one number for all queries or one per query.
+        """
+        return self.search_batch(queries, k)[0]
+
+    def search_batch(
+        self, queries: Sequence[str | int], k: int | Sequence[int] = 10
+    ) -> tuple[list[list[Hit]], list[bool]]:
+        """:meth:`search_many`'s hits and, per query, whether the encoder read only the start of it (a text longer
+        than :attr:`max_query_tokens`; never an item), from the same encoder pass (:meth:`encode_texts`)."""
+        ks = [int(k)] * len(queries) if isinstance(k, int) else [int(n) for n in k]
+        if len(ks) != len(queries):
+            raise ValueError(f"search_many got {len(queries)} queries but {len(ks)} values of k")
+        texts = [i for i, q in enumerate(queries) if isinstance(q, str)]
+        items = [i for i, q in enumerate(queries) if not isinstance(q, str)]
+        for i in items:
+            if not 0 <= int(queries[i]) < len(self.items):
+                raise DataError(f"no item {queries[i]} in this index (0..{len(self.items) - 1})")
+        vectors = np.empty((len(queries), int(self.manifest["dim"])), dtype=np.float32)
+        cut = [False] * len(queries)
+        if texts:
+            vectors[texts], text_cut = self.encode_texts([str(queries[i]) for i in texts])
+            for i, c in zip(texts, text_cut):
+                cut[i] = c
+        if items:
+            vectors[items] = self.vectors([int(queries[i]) for i in items])
+        out: list[list[Hit]] = [[] for _ in queries]
+        for n in sorted(set(ks)):
+            same = [i for i, m in enumerate(ks) if m == n]
+            scores, rows = self.search_vectors(vectors[same], n)
+            for j, i in enumerate(same):
+                out[i] = self.hits(scores[j], rows[j])
+        return out, cut
 
     def search_media(self, path: str | os.PathLike, k: int = 10) -> list[Hit]:
         """The top-k items for an image or video file."""
@@ -283,10 +340,7 @@ class SearchIndex:
 
     def search_like(self, row: int, k: int = 10) -> list[Hit]:
         """The top-k items most similar to item ``row`` (itself first)."""
-        if not 0 <= row < len(self.items):
-            raise DataError(f"no item {row} in this index (0..{len(self.items) - 1})")
-        scores, rows = self.search_vectors(self.vectors([row]), k)
-        return self.hits(scores[0], rows[0])
+        return self.search_many([row], k)[0]
 
 
 def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

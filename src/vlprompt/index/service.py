@@ -10,18 +10,32 @@ Bad input gets a status and a message, never a server error: an empty or over-lo
 or a row that is not ASCII digits in range (400); an address longer than ``MAX_QUERY_BYTES`` (414) or a request
 body (413), refused before any work; a request head over ``MAX_HEAD_BYTES`` or one that is not HTTP, refused by
 the server's protocol (:func:`http_protocol`: 414, 431 or 400, then a lingering close so the client reads the
-answer instead of a connection reset); an index whose cache was damaged after it was opened (503). A page never
-echoes more than ``MAX_QUERY_CHARS`` characters of a query.
+answer instead of a connection reset); an index whose cache was damaged after it was opened (503); a search when
+``max_queue`` searches are already waiting (503 with ``Retry-After``). A page never echoes more than
+``MAX_QUERY_CHARS`` characters of a query.
+
+Many users at once: search requests are answered by one worker thread in micro-batches (:class:`QueryBatcher`):
+the text queries that arrive while the encoder is busy share its next pass, and FAISS searches them together. The
+queue of waiting queries is bounded; when it is full a request gets a 503 with a message and ``Retry-After``
+instead of joining an ever longer backlog. The search routes are ``async`` and wait on the batch's future, so a
+waiting request holds no thread: the bounded queue is the only place requests wait.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import html
 import io
 import logging
+import os
+import socket
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
@@ -55,6 +69,14 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 TOO_LONG = f"The address is too long. A query may have at most {MAX_QUERY_CHARS} characters."
+#: Search queries that may wait for the encoder; one more is refused with a 503 (``vlprompt serve --max-queue``).
+MAX_QUEUE = 64
+#: Queries answered in one encoder pass at most (``vlprompt serve --max-batch``).
+MAX_BATCH = 32
+#: While other requests are in flight, how long the worker waits for them to join a batch (seconds).
+GATHER_SECONDS = 0.002
+#: Seconds a refused client is asked to wait (the Retry-After header of a 503).
+RETRY_AFTER = 1
 log = logging.getLogger("vlprompt.serve")
 
 
@@ -101,11 +123,29 @@ def parse_row(like: str, index: SearchIndex) -> int:
     return row
 
 
-def run_query(index: SearchIndex, q: str | None, k: str | None, like: str | None) -> tuple[list[Hit], str]:
-    """Hits for a text query or a ``like=ROW`` query, and a note for the person (may be empty)."""
+@dataclass(frozen=True)
+class Query:
+    """A checked query: a text, or the row of an item ("more like this"), and how many results it asks for."""
+
+    k: int
+    text: str | None = None
+    row: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.text is None) == (self.row is None):
+            raise ValueError("a Query is a text or an item's row: give exactly one")
+
+    @property
+    def asked(self) -> str | int:
+        """What :meth:`SearchIndex.search_many` takes: the text, or the item's row."""
+        return self.text if self.text is not None else int(self.row)  # type: ignore[arg-type]
+
+
+def parse_query(index: SearchIndex, q: str | None, k: str | None, like: str | None) -> Query:
+    """The query a request's ``q``, ``k`` and ``like`` describe (``like`` wins), or a QueryError saying why not."""
     n = parse_k(k)
     if like not in (None, ""):
-        return index.search_like(parse_row(like, index), n), ""
+        return Query(n, row=parse_row(like, index))
     q = q or ""
     if len(q) > MAX_QUERY_CHARS:  # before stripping: what is echoed back must be within the limit too
         raise QueryError(
@@ -115,11 +155,140 @@ def run_query(index: SearchIndex, q: str | None, k: str | None, like: str | None
     text = q.strip()
     if not text:
         raise QueryError("The query is empty: type a few words describing what you are looking for.")
-    tokens = index.query_tokens(text)
-    note = ""
-    if tokens is not None and tokens > index.max_query_tokens:
-        note = f"The model reads only the first {index.max_query_tokens} tokens of a query; the rest was ignored."
-    return index.search(text, n), note
+    return Query(n, text=text)
+
+
+def answer_queries(index: SearchIndex, queries: Sequence[Query]) -> list[tuple[list[Hit], str]]:
+    """Each query's hits and a note for the person (may be empty): the texts in one encoder pass
+    (:meth:`SearchIndex.search_batch`), which also tells which texts were longer than the encoder reads."""
+    found, cut = index.search_batch([q.asked for q in queries], [q.k for q in queries])
+    note = f"The model reads only the first {index.max_query_tokens} tokens of a query; the rest was ignored."
+    return [(hits, note if c else "") for hits, c in zip(found, cut)]
+
+
+# ---- many users: one worker, micro-batches, a bounded queue ---------------------------------------------
+class Busy(Exception):
+    """The queue of waiting queries is full (or the service is stopping): the request is refused, not queued."""
+
+
+class QueryBatcher:
+    """Answers the queries of concurrent requests in batches, on one worker thread.
+
+    :meth:`submit` puts a query in a queue of at most ``max_queue`` and returns a future. The worker takes what
+    is queued (at most ``max_batch``) whenever it is free and answers it with :func:`answer_queries`: one encoder
+    pass for the texts, one FAISS search per k. A query that finds the worker idle and nothing else in flight
+    starts at once; when the last batch held more queries than are queued now (several clients are being
+    served), the worker waits up to ``gather_s`` for them, so that clients whose answers just went out join the
+    next batch instead of splitting the load into a small batch and a large one. The worker is the only thread
+    that runs the encoder, its tokenizer and the FAISS index (none of them promises to be thread-safe), with
+    ``threads`` torch and FAISS threads (None: their defaults).
+    """
+
+    def __init__(
+        self,
+        index: SearchIndex,
+        max_queue: int = MAX_QUEUE,
+        max_batch: int = MAX_BATCH,
+        gather_s: float = GATHER_SECONDS,
+        threads: int | None = None,
+    ) -> None:
+        for name, value in (("max_queue", max_queue), ("max_batch", max_batch), ("threads", threads)):
+            if value is not None and int(value) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        self.index, self.max_queue, self.max_batch = index, int(max_queue), int(max_batch)
+        self.gather_s, self.threads = float(gather_s), threads
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # the latest batches' sizes (diagnostics and tests)
+        self._queue: deque[tuple[Query, Future]] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._last = 1
+
+    def __len__(self) -> int:
+        """Queries waiting for the worker (the batch it is answering not counted)."""
+        return len(self._queue)
+
+    def submit(self, query: Query) -> Future:
+        """A future of ``query``'s hits and note; :class:`Busy` when ``max_queue`` queries are already waiting."""
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise Busy("The service is stopping; please try again in a moment.")
+            if len(self._queue) >= self.max_queue:
+                raise Busy(
+                    f"The service is busy (its queue of {self.max_queue} waiting searches is full). "
+                    f"Please try again in a moment."
+                )
+            self._queue.append((query, future))
+            if self._thread is None:  # started with the first query: an app that never searches holds no thread
+                self._thread = threading.Thread(target=self._work, name="vlprompt-search", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker after its batch; queries still waiting are refused with :class:`Busy`."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        for _, future in waiting:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Busy("The service is stopping; please try again in a moment."))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _take(self) -> list[tuple[Query, Future]] | None:
+        """The next batch (None once closed): waits for a query, then gathers briefly only under load."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            target = min(self._last, self.max_batch)
+            if self.gather_s > 0 and len(self._queue) < target:
+                self._cond.wait_for(lambda: len(self._queue) >= target or self._closed, self.gather_s)
+            if self._closed:
+                return None
+            batch = []
+            while self._queue and len(batch) < self.max_batch:
+                query, future = self._queue.popleft()
+                if future.set_running_or_notify_cancel():  # False: its request went away while it waited
+                    batch.append((query, future))
+            self._last = max(1, len(batch))
+            return batch
+
+    def _work(self) -> None:
+        if self.threads is not None:  # per thread: torch's and FAISS's OpenMP settings belong to the calling thread
+            import torch
+
+            from vlprompt.index.build import import_faiss
+
+            torch.set_num_threads(self.threads)
+            import_faiss().omp_set_num_threads(self.threads)
+        while (batch := self._take()) is not None:
+            if batch:
+                self.batch_sizes.append(len(batch))
+                self._answer(batch)
+
+    def _answer(self, batch: list[tuple[Query, Future]]) -> None:
+        try:
+            results = answer_queries(self.index, [query for query, _ in batch])
+        except Exception as err:  # noqa: BLE001 - handed to the request that asked, which decides the status
+            if len(batch) == 1:
+                batch[0][1].set_exception(err)
+            else:  # one query's failure (a damaged cache row) must not fail the others: answer each alone
+                for one in batch:
+                    self._answer([one])
+            return
+        for (_, future), result in zip(batch, results):
+            future.set_result(result)
+
+
+def default_threads() -> int:
+    """Torch threads for the query encoder: every core this process may use but one, which the event loop (HTTP,
+    JSON) needs. On a small machine more threads than that made the encoder slower, not faster (README)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - 1)
 
 
 # ---- thumbnails ---------------------------------------------------------------------------------------
@@ -259,13 +428,67 @@ def _too_large(scope: dict[str, Any]) -> tuple[int, str] | None:
     return None
 
 
-def create_app(index: SearchIndex) -> Any:
-    """The FastAPI app serving ``index``."""
+class _Limits:
+    """ASGI middleware: a request over the size limits is refused before any work (and its connection closed:
+    an unread body is not drained on a keep-alive connection); every answer gets the security headers.
+
+    Plain ASGI rather than ``@app.middleware("http")``, whose wrapper costs a task and a stream per request.
+    """
+
+    def __init__(self, app: Any, refusal: Any) -> None:
+        from starlette.datastructures import MutableHeaders
+
+        self.app, self.refusal, self._headers = app, refusal, MutableHeaders
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self._headers(scope=message).update(SECURITY_HEADERS)
+            await send(message)
+
+        too_large = _too_large(scope)
+        if too_large is None:
+            await self.app(scope, receive, send_with_headers)
+        else:
+            response = self.refusal(scope["path"], *too_large, headers={"Connection": "close"})
+            await response(scope, receive, send_with_headers)
+
+
+@dataclass
+class Answer:
+    """What a search request gets: status, hits, the message shown with them (and its kind), extra headers."""
+
+    status: int
+    hits: list[Hit]
+    message: str = ""
+    kind: str = "info"
+    headers: dict[str, str] | None = None
+
+
+def create_app(
+    index: SearchIndex,
+    max_queue: int = MAX_QUEUE,
+    max_batch: int = MAX_BATCH,
+    threads: int | None = None,
+    gather_s: float = GATHER_SECONDS,
+) -> Any:
+    """The FastAPI app serving ``index``; searches go through a :class:`QueryBatcher` (``app.state.batcher``)."""
     fastapi = import_fastapi()
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 
-    app = fastapi.FastAPI(title="vlprompt search", docs_url=None, redoc_url=None, openapi_url=None)
-    lock = threading.Lock()  # one query at a time through the encoder
+    batcher = QueryBatcher(index, max_queue, max_batch, gather_s, threads)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        yield
+        batcher.close()  # the server is stopping: refuse what still waits, let the worker finish its batch
+
+    app = fastapi.FastAPI(title="vlprompt search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.batcher = batcher
     thumbs = ThumbnailCache(index)
 
     def refusal(path: str, status: int, message: str, **kwargs: Any) -> Response:
@@ -276,32 +499,26 @@ def create_app(index: SearchIndex) -> Any:
             return HTMLResponse(render_page(index, "", 10, [], message, "error"), status_code=status, **kwargs)
         return PlainTextResponse(message, status_code=status, **kwargs)
 
-    @app.middleware("http")
-    async def limits_and_headers(request: Any, call_next: Any) -> Any:
-        too_large = _too_large(request.scope)
-        if too_large is not None:
-            # the connection closes after this answer: an unread body is not drained on a keep-alive connection
-            response = refusal(request.url.path, *too_large, headers={"Connection": "close"})
-        else:
-            response = await call_next(request)
-        response.headers.update(SECURITY_HEADERS)
-        return response
+    app.add_middleware(_Limits, refusal=refusal)
 
-    def answer(q: str | None, k: str | None, like: str | None) -> tuple[int, list[Hit], str, str]:
+    async def answer(q: str | None, k: str | None, like: str | None) -> Answer:
         try:
-            with lock:
-                hits, note = run_query(index, q, k, like)
+            query = parse_query(index, q, k, like)
+            hits, note = await asyncio.wrap_future(batcher.submit(query))
         except QueryError as err:
-            return 400, [], str(err), "error"
+            return Answer(400, [], str(err), "error")
+        except Busy as err:
+            return Answer(503, [], str(err), "error", {"Retry-After": str(RETRY_AFTER)})
         except DataError as err:
             # the index was damaged after it was opened (its checks passed then): the operator's problem, named
             # in the server log; the person is told the service cannot answer rather than shown a path
             log.error("cannot answer a query: %s", err)
-            return 503, [], "The index cannot be read right now (it is damaged); the server log says why.", "error"
-        return 200, hits, note, "note" if note else "info"
+            return Answer(503, [], "The index cannot be read right now (it is damaged); the server log says why.",
+                          "error")  # fmt: skip
+        return Answer(200, hits, note, "note" if note else "info")
 
     @app.get("/", response_class=HTMLResponse)
-    def page(q: str | None = None, k: str | None = None, like: str | None = None) -> HTMLResponse:
+    async def page(q: str | None = None, k: str | None = None, like: str | None = None) -> HTMLResponse:
         try:
             n = parse_k(k)
         except QueryError:
@@ -309,18 +526,20 @@ def create_app(index: SearchIndex) -> Any:
         if q is None and like in (None, "") and k is None:
             hint = f'Type a description (for example "a red star") and press Search to search {len(index)} items.'
             return HTMLResponse(render_page(index, "", n, [], hint))
-        status, hits, message, kind = answer(q, k, like)
-        like_row = ascii_int(like) if status == 200 else None
-        return HTMLResponse(render_page(index, q or "", n, hits, message, kind, like_row), status_code=status)
+        got = await answer(q, k, like)
+        like_row = ascii_int(like) if got.status == 200 else None
+        body = render_page(index, q or "", n, got.hits, got.message, got.kind, like_row)
+        return HTMLResponse(body, status_code=got.status, headers=got.headers)
 
     @app.get("/api/search")
-    def api(q: str | None = None, k: str | None = None, like: str | None = None) -> JSONResponse:
-        status, hits, message, _ = answer(q, k, like)
-        if status != 200:
-            return JSONResponse({"error": message}, status_code=status)
-        results = [{**h.as_dict(), "thumbnail": f"/thumb/{h.row}"} for h in hits]
+    async def api(q: str | None = None, k: str | None = None, like: str | None = None) -> JSONResponse:
+        got = await answer(q, k, like)
+        if got.status != 200:
+            return JSONResponse({"error": got.message}, status_code=got.status, headers=got.headers)
+        results = [{**h.as_dict(), "thumbnail": f"/thumb/{h.row}"} for h in got.hits]
         row = ascii_int(like)  # a like=ROW query ignores q, so q was not checked: it is not echoed either
-        return JSONResponse({"query": q if row is None else None, "like": row, "note": message, "results": results})
+        return JSONResponse({"query": q if row is None else None, "like": row, "note": got.message,
+                             "results": results})  # fmt: skip
 
     @app.get("/thumb/{row}")
     def thumb(row: str) -> Response:
@@ -373,8 +592,12 @@ class _LingeringTransport:
         if self.is_closing():
             return
         self.lingering = True
-        if self._transport.can_write_eof():
-            self._transport.write_eof()  # after the pending answer
+        try:
+            if self._transport.can_write_eof():
+                self._transport.write_eof()  # after the pending answer
+        except OSError:  # the client has gone already (ENOTCONN): there is nobody to linger for
+            self._transport.close()
+            return
         self._transport.resume_reading()  # flow control may have paused reading
         self._timer = self._loop.call_later(LINGER_SECONDS, self._transport.close)
 
@@ -393,6 +616,19 @@ class _LingeringTransport:
             self._timer.cancel()
 
 
+def set_nodelay(transport: asyncio.BaseTransport) -> None:
+    """Send small writes at once on a TCP connection (TCP_NODELAY).
+
+    An answer leaves as two writes, head then body; with Nagle's algorithm on, the body waits for the client to
+    acknowledge the head, which a client delays by milliseconds: a few requests per connection per 10 ms at most.
+    asyncio turns Nagle off only on sockets it creates itself, not on a listening socket handed to the server
+    (uvicorn's ``sockets=`` or ``--fd``).
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 _PROTOCOL: type | None = None
 
 
@@ -407,6 +643,7 @@ def http_protocol() -> type:
 
     class BoundedH11Protocol(H11Protocol):  # type: ignore[misc]
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            set_nodelay(transport)
             super().connection_made(_LingeringTransport(transport, self.loop))
 
         def data_received(self, data: bytes) -> None:
@@ -464,9 +701,21 @@ def serve(
     device: str = "auto",
     media_root: str | None = None,
     log_level: str = "info",
+    max_queue: int = MAX_QUEUE,
+    max_batch: int = MAX_BATCH,
+    threads: int | None = None,
 ) -> None:
-    """Load ``index_dir`` (its caches checked: a damaged one is refused here) and serve it until interrupted."""
+    """Load ``index_dir`` (its caches checked: a damaged one is refused here) and serve it until interrupted.
+
+    ``max_queue`` and ``max_batch`` bound the waiting queries and a batch (:class:`QueryBatcher`); ``threads``
+    is the encoder's torch threads (None: :func:`default_threads`).
+    """
     import_fastapi()
     uvicorn = import_uvicorn()
-    config = server_config(create_app(SearchIndex(index_dir, device, media_root=media_root)), host, port, log_level)
-    uvicorn.Server(config).run()
+    index = SearchIndex(index_dir, device, media_root=media_root)
+    app = create_app(index, max_queue, max_batch, threads if threads is not None else default_threads())
+    # What is loaded now (torch, the model, the index: about half a million objects) lives as long as the server;
+    # left to the cyclic collector, every full collection walks all of it and stops every request for ~0.3 s.
+    gc.collect()
+    gc.freeze()
+    uvicorn.Server(server_config(app, host, port, log_level)).run()
