@@ -1,7 +1,7 @@
 """The one home of unpickling in vlprompt: nothing it reads may run code.
 
 A pickle may name any importable callable and call it while loading, so vlprompt never calls ``pickle.load``
-or ``torch.load(weights_only=False)``. Formats that only exist as pickles (CIFAR-100's python batches, MSVD's
+or an unrestricted ``torch.load``. Formats that only exist as pickles (CIFAR-100's python batches, MSVD's
 caption pickle, the refer toolkit's ``refs(unc).p``) go through :func:`load_pickle`, whose unpickler resolves
 a global only from the caller's allow-list, mapped to objects chosen here (no module is imported by name):
 containers and scalars (dict, list, tuple, str, bytes, int, float, bool, None) need no global at all,
@@ -105,7 +105,7 @@ def load_pickle(path: Path, allowed: Allowed | None = None, *, encoding: str = "
 def torch_refusal(path: Path, kind: str, err: BaseException) -> str | None:
     """The message for ``torch.load(weights_only=True)`` failing on ``path`` (wrapped or not), else None.
 
-    torch's own text advises retrying with ``weights_only=False``, which vlprompt never does; the message quotes
+    torch's own text advises turning weights-only loading off, which vlprompt never does; the message quotes
     only its reason (e.g. ``Unsupported global: GLOBAL pathlib.Path.touch``).
     """
     while err is not None and not isinstance(err, pickle.UnpicklingError):
