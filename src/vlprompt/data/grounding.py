@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.data.continual import COCO_SUPERCATEGORIES, category_to_task, coco_task_sequence
+from vlprompt.data.json_files import read_json
 from vlprompt.errors import DataError
 from vlprompt.safe_pickle import load_pickle
 
@@ -159,19 +160,6 @@ def _image_file(img: dict, where: str, image_root: str | Path | None) -> tuple[s
     return path, _int(img, "width", where, positive=True), _int(img, "height", where, positive=True)
 
 
-def _read_json(path: Path, kind: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise DataError(f"{kind} not found: {path}") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read {kind} {path}: {err}") from err
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from err
-
-
 def _coco_parts(data: Any, path: Path, kind: str) -> tuple[list, list, dict[int, str]]:
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):
         raise DataError(f"{path}: the {kind} format needs 'images' and 'annotations' lists and 'categories'")
@@ -198,7 +186,7 @@ def read_mdetr_refexp(
     split = split or (named[1] if named else None)
     if not split:
         raise DataError(f"{path}: cannot tell the split from the file name (finetune_<dataset>_<split>.json); pass it")
-    images, annotations, categories = _coco_parts(_read_json(path, "MDETR referring-expression file"), path,
+    images, annotations, categories = _coco_parts(read_json(path, "MDETR referring-expression file"), path,
                                                   "MDETR referring-expression file")  # fmt: skip
     by_image: dict[int, list[tuple[int, dict]]] = {}
     for j, ann in enumerate(annotations):
@@ -273,7 +261,7 @@ def read_refer(
     folder = Path(folder)
     refs_path, instances_path = refer_files(folder, split_by)
     refs = read_refs_pickle(refs_path)
-    images, annotations, categories = _coco_parts(_read_json(instances_path, "COCO instances file"),
+    images, annotations, categories = _coco_parts(read_json(instances_path, "COCO instances file"),
                                                   instances_path, "COCO instances file")  # fmt: skip
     image_by_id, ann_by_id = {}, {}
     for key, rows, out in (("images", images, image_by_id), ("annotations", annotations, ann_by_id)):
@@ -374,7 +362,7 @@ def save_task_lists(samples: Iterable[RefSample], path: str | Path, min_side: fl
 def read_task_lists(path: str | Path) -> list[list[int]]:
     """The per-task id lists of a file :func:`save_task_lists` wrote, in task order."""
     path = Path(path)
-    doc = _read_json(path, "task list file")
+    doc = read_json(path, "task list file")
     tasks = doc.get("tasks") if isinstance(doc, dict) else None
     if not isinstance(doc, dict) or doc.get("format") != _TASK_LISTS_FORMAT or not isinstance(tasks, list):
         raise DataError(f"{path}: not a task list file written by vlprompt ({_TASK_LISTS_FORMAT!r})")

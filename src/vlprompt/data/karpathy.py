@@ -18,7 +18,6 @@ an error, never a silent choice.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from vlprompt.data.json_files import read_json
 from vlprompt.data.media import BadSamples, Transform, drop_missing, load_or_skip, log
 from vlprompt.errors import DataError
 
@@ -37,16 +37,7 @@ RecordFilter = Callable[[Record], bool]
 def read_annotations(ann_file: str | os.PathLike) -> list[Record]:
     """Read and validate a Karpathy/ALBEF JSON file; any problem is a DataError naming file and record."""
     ann_file = Path(ann_file)
-    try:
-        text = ann_file.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise DataError(f"annotation file not found: {ann_file}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read annotation file {ann_file}: {e}") from e
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{ann_file}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
+    records = read_json(ann_file)
     if not isinstance(records, list):
         raise DataError(
             f"{ann_file}: not a Karpathy-style JSON list (expected a JSON list of records, "
