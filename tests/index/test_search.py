@@ -142,7 +142,10 @@ def test_search_cli(image_index: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert [r["rank"] for r in lines] == [1, 2, 3] and lines[0]["score"] >= lines[1]["score"] >= lines[2]["score"]
     assert {"row", "id", "path", "captions"} <= set(lines[0]) and "cache_row" not in lines[0]
     assert main(["search", str(image_index), "a red star", "-k", "2", "--device", "cpu"]) == 0
-    assert "rank" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "rank" in out and "reads only the first" not in out
+    assert main(["search", str(image_index), "a red star " * 40, "-k", "2", "--device", "cpu"]) == 0
+    assert "note: the model reads only the first" in capsys.readouterr().out  # a query longer than the context
     assert main(["search", str(image_index)]) == 2
     assert "give a text query or --media" in capsys.readouterr().err
     assert main(["search", str(image_index), "   "]) == 2

@@ -19,7 +19,14 @@ pytest.importorskip("faiss")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from vlprompt.index.service import MAX_HEAD_BYTES, MAX_QUERY_CHARS, create_app, http_protocol, server_config  # noqa: E402
+from vlprompt.index.service import (  # noqa: E402
+    MAX_HEAD_BYTES,
+    MAX_QUERY_CHARS,
+    create_app,
+    event_loop,
+    http_protocol,
+    server_config,
+)
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -101,6 +108,7 @@ def test_serve_uses_the_bounded_server(index_dir: Path, monkeypatch: pytest.Monk
         gc.unfreeze()
     (config,) = started
     assert config.http is http_protocol() and config.h11_max_incomplete_event_size == MAX_HEAD_BYTES
+    assert config.loop == event_loop()
     assert (config.host, config.port) == ("127.0.0.1", 8123)
     batcher = config.app.state.batcher
     assert (batcher.max_queue, batcher.max_batch, batcher.threads) == (MAX_QUEUE, MAX_BATCH, default_threads())
@@ -166,3 +174,23 @@ def test_the_load_benchmark_counts_answers_and_errors(port: int, monkeypatch: py
     result = asyncio.run(serve_load.load(port, targets, 3, 12, 60.0, 30.0))
     assert (result["answered"], result["errors"], result["error_kinds"]) == (6, 6, {"404": 6})
     assert 0 < result["p50_ms"] <= result["p99_ms"] and result["requests_per_s"] > 0
+
+
+def test_event_loop_is_uvloop_where_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    try:
+        import uvloop  # noqa: F401
+
+        assert event_loop() == "uvloop"
+    except ImportError:
+        assert event_loop() == "asyncio"
+    real_import = builtins.__import__
+
+    def no_uvloop(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "uvloop":
+            raise ImportError("no uvloop here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_uvloop)
+    assert event_loop() == "asyncio"  # Windows, or the extra not installed: the standard loop, not an error

@@ -35,13 +35,16 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise ConfigError("-k must be at least 1")
     index = SearchIndex(args.index, args.device, ef_search=args.ef_search, nprobe=args.nprobe)
-    hits = index.search(args.query, args.k) if args.query is not None else index.search_media(args.media, args.k)
+    cut = False
+    if args.query is not None:  # one encoder pass tells the hits and whether the query was cut
+        (hits,), (cut,) = index.search_batch([args.query], args.k)
+    else:
+        hits = index.search_media(args.media, args.k)
     if args.json:
         for hit in hits:
             print(json.dumps(hit.as_dict(), ensure_ascii=False))
         return 0
-    tokens = index.query_tokens(args.query) if args.query is not None else None
-    if tokens is not None and tokens > index.max_query_tokens:
+    if cut:
         print(f"note: the model reads only the first {index.max_query_tokens} tokens of the query")
     from rich.console import Console
     from rich.table import Table

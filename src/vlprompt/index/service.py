@@ -685,11 +685,24 @@ def import_uvicorn() -> Any:
     return uvicorn
 
 
+def event_loop() -> str:
+    """uvicorn's event loop: ``uvloop`` where it is installed (the ``serve`` extra, not on Windows), else asyncio's.
+
+    The event loop thread parses HTTP and writes JSON for every request while the worker encodes: on the embedded
+    model with 8 clients uvloop cut the service's CPU time per answered request by about a fifth (README).
+    """
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def server_config(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Any:
-    """The uvicorn config that serves ``app``: the bounded protocol (:func:`http_protocol`) and head limit, and
-    no WebSocket upgrades (the app has no such route)."""
+    """The uvicorn config that serves ``app``: the bounded protocol (:func:`http_protocol`) and head limit, the
+    fastest event loop installed (:func:`event_loop`) and no WebSocket upgrades (the app has no such route)."""
     return import_uvicorn().Config(
-        app, host=host, port=port, log_level=log_level, http=http_protocol(),
+        app, host=host, port=port, log_level=log_level, http=http_protocol(), loop=event_loop(),
         h11_max_incomplete_event_size=MAX_HEAD_BYTES, ws="none",
     )  # fmt: skip
 
