@@ -610,3 +610,87 @@ def test_text_insert_moves_the_pooled_end_of_text_of_an_empty_caption(tiny):
     insert = torch.randn(3, tiny.text_width)
     with torch.no_grad():
         _close(tiny.encode_text(tokens, PromptPlan(insert=insert)), ref_text(tiny, tokens, insert=insert))
+
+
+# ---- 3. paired towers in lock-step (LPI grounding's per-layer interaction) ---------------------------
+
+
+def _lpi_like_plans(tiny, n: int = 2) -> tuple[PromptPlan, PromptPlan]:
+    torch.manual_seed(8)
+    dv, dt = tiny.vision_width, tiny.text_width
+    vplan = PromptPlan(insert=torch.randn(n, dv), add={1: torch.randn(n, dv), 2: torch.randn(n, dv)})
+    tplan = PromptPlan(replace={0: torch.randn(n, dt)}, add={1: torch.randn(n, dt)})
+    return vplan, tplan
+
+
+def test_paired_towers_with_a_neutral_hook_equal_the_towers_alone(tiny, images):
+    tokens = tiny.tokenize(["x x a red square", "x x dog"])
+    vplan, tplan = _lpi_like_plans(tiny)
+    seen: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
+
+    def neutral(layer, xv, xt):
+        seen.append((layer, tuple(xv.shape), tuple(xt.shape)))
+        return xv, xt
+
+    with torch.no_grad():
+        vis, txt = towers_module.run_paired(tiny.vision, tiny.text, images, tokens, vplan, tplan, neutral)
+        alone_v = tiny.vision(images, vplan, return_tokens=True)
+        alone_t = tiny.text(tokens, tplan)
+    _close(vis.pooled, alone_v.pooled)
+    _close(vis.tokens, alone_v.tokens)
+    _close(txt.pooled, alone_t.pooled)
+    # the hook sees every shared layer once, in order, with both sequences of the batch (prompts included)
+    assert [s[0] for s in seen] == list(range(min(tiny.vision.num_layers, tiny.text.num_layers)))
+    assert all(s[1] == (2, 65 + 2, tiny.vision_width) and s[2][0] == 2 and s[2][2] == tiny.text_width for s in seen)
+
+
+def test_paired_hook_runs_after_the_plans_writes_and_before_the_block(tiny, images):
+    """Overwriting text tokens 1..2 in the hook at layer 1 equals a plan that replaces them at layer 1: the add of
+    layer 1 came first and was overwritten, and block 1 saw the hook's values."""
+    tokens = tiny.tokenize(["x x a red square", "x x dog"])
+    vplan, tplan = _lpi_like_plans(tiny)
+    z_t, z_v = torch.randn(2, tiny.text_width), torch.randn(2, tiny.vision_width)
+
+    def overwrite(layer, xv, xt):
+        if layer == 1:
+            xt = xt.clone()
+            xt[:, 1:3] = z_t
+            xv = xv.clone()
+            xv[:, 1:3] = z_v
+        return xv, xt
+
+    with torch.no_grad():
+        vis, txt = towers_module.run_paired(tiny.vision, tiny.text, images, tokens, vplan, tplan, overwrite)
+        want_t = tiny.text(tokens, PromptPlan(replace={0: tplan.replace[0], 1: z_t}))
+        want_v = tiny.vision(images, PromptPlan(insert=vplan.insert, replace={1: z_v}, add={2: vplan.add[2]}))
+        _close(txt.pooled, want_t.pooled)
+        _close(vis.pooled, want_v.pooled)
+        _differs(txt.pooled, tiny.text(tokens, tplan).pooled)
+
+
+def test_paired_hook_couples_the_modalities(tiny, images):
+    """A hook that writes vision into text makes the text output depend on the image (and only then)."""
+    tokens = tiny.tokenize(["x x a red square", "x x a red square"])
+    _, tplan = _lpi_like_plans(tiny)
+    proj = torch.randn(tiny.vision_width, tiny.text_width) * 0.1
+
+    def v2t(layer, xv, xt):
+        xt = xt.clone()
+        xt[:, 1:3] = xt[:, 1:3] + xv[:, 1:3] @ proj
+        return xv, xt
+
+    with torch.no_grad():
+        same = torch.stack([images[0], images[0]])
+        _, txt = towers_module.run_paired(tiny.vision, tiny.text, same, tokens, None, tplan, v2t)
+        _close(txt.pooled[0], txt.pooled[1])  # same image, same caption
+        _, txt2 = towers_module.run_paired(tiny.vision, tiny.text, images, tokens, None, tplan, v2t)
+        _differs(txt2.pooled[0], txt2.pooled[1])  # same caption, different images
+
+
+def test_paired_towers_refuse_unpaired_batches(tiny, images):
+    tokens = tiny.tokenize(["a", "b", "c"])
+    with pytest.raises(ValueError, match="paired towers"):
+        towers_module.run_paired(tiny.vision, tiny.text, images, tokens, None, None, lambda i, v, t: (v, t))
+    with pytest.raises(ValueError, match="global video tokens"):
+        plan = PromptPlan(global_tokens=torch.zeros(1, tiny.vision_width))
+        towers_module.run_paired(tiny.vision, tiny.text, images, tokens[:2], plan, None, lambda i, v, t: (v, t))

@@ -171,23 +171,37 @@ class _Tower(nn.Module):
         is_causal: bool,
         before_block: Callable[[int, Tensor], Tensor] | None = None,
     ) -> Tensor:
+        mask = self._check(plan, base_mask, x.dtype)
+        for layer in range(self.num_layers):
+            x = self._enter(layer, x, plan, before_block)
+            x = self._block(layer, x, plan, mask, is_causal)
+        return x
+
+    def _check(self, plan: PromptPlan, base_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """The attention mask of every block, once ``plan`` is known to fit this tower."""
         if plan.max_layer() >= self.num_layers:
             raise ValueError(f"prompt plan touches layer {plan.max_layer()}, tower has {self.num_layers} blocks")
-        mask = combine_masks(base_mask, plan.attn_mask, dtype=x.dtype)
-        for layer, block in enumerate(self.blocks):
-            if layer > 0 or not getattr(self, "layer0_is_embedding", False):
-                if layer in plan.replace:
-                    x = write_tokens(x, plan.replace[layer], plan.start, "replace")
-                if layer in plan.add:
-                    x = write_tokens(x, plan.add[layer], plan.start, "add")
-            if before_block is not None:
-                x = before_block(layer, x)
-            prefix = plan.prefix.get(layer)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(run_block, block, x, mask, prefix, is_causal, use_reentrant=False)
-            else:
-                x = run_block(block, x, mask, prefix, is_causal)
+        return combine_masks(base_mask, plan.attn_mask, dtype=dtype)
+
+    def _enter(
+        self, layer: int, x: Tensor, plan: PromptPlan, before_block: Callable[[int, Tensor], Tensor] | None = None
+    ) -> Tensor:
+        """What happens before block ``layer``: the plan's replaced / added prompts, then the caller's hook."""
+        if layer > 0 or not getattr(self, "layer0_is_embedding", False):  # layer 0's were written with the embedding
+            if layer in plan.replace:
+                x = write_tokens(x, plan.replace[layer], plan.start, "replace")
+            if layer in plan.add:
+                x = write_tokens(x, plan.add[layer], plan.start, "add")
+        if before_block is not None:
+            x = before_block(layer, x)
         return x
+
+    def _block(self, layer: int, x: Tensor, plan: PromptPlan, mask: Tensor | None, is_causal: bool) -> Tensor:
+        """Block ``layer`` itself (recomputed in backward under gradient checkpointing)."""
+        block, prefix = self.blocks[layer], plan.prefix.get(layer)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(run_block, block, x, mask, prefix, is_causal, use_reentrant=False)
+        return run_block(block, x, mask, prefix, is_causal)
 
 
 class VisionTower(_Tower):
@@ -314,6 +328,14 @@ class TextTower(_Tower):
     def forward(self, tokens: Tensor, plan: PromptPlan | None = None, return_tokens: bool = False) -> TowerOutput:
         """Encode token ids ``[B, L]`` under ``plan``."""
         plan = plan or PromptPlan()
+        x, positions, before_block = self._begin(tokens, plan, return_tokens)
+        x = self._run_blocks(x, plan, None, is_causal=self.causal, before_block=before_block)
+        return self._end(x, positions, return_tokens)
+
+    def _begin(
+        self, tokens: Tensor, plan: PromptPlan, return_tokens: bool = False
+    ) -> tuple[Tensor, Tensor, Callable[[int, Tensor], Tensor] | None]:
+        """The sequence entering block 0, the pooled position per row, and the suffix prompts' hook (or None)."""
         src = self.src
         positions = self.pool_positions(tokens)
         if self.causal and self.pool_type in ("argmax", "eos") and plan.attn_mask is None and not return_tokens:
@@ -340,7 +362,11 @@ class TextTower(_Tower):
             def before_block(layer: int, h: Tensor) -> Tensor:
                 return replace_tokens_at(h, plan.suffix[layer], starts) if layer > 0 and layer in plan.suffix else h
 
-        x = self._run_blocks(x, plan, None, is_causal=self.causal, before_block=before_block)
+        return x, positions, before_block
+
+    def _end(self, x: Tensor, positions: Tensor, return_tokens: bool = False) -> TowerOutput:
+        """``ln_final``, the pooled token of each row, the projection."""
+        src = self.src
         x = src.ln_final(x)
         pooled = x[torch.arange(x.shape[0], device=x.device), positions]
         proj = src.text_projection
@@ -353,3 +379,45 @@ def _span(plan: PromptPlan) -> int:
     """Length of the longest replaced/added span (so truncation never cuts a prompt)."""
     spans = [t.shape[-2] for t in (*plan.replace.values(), *plan.add.values())]
     return max(spans, default=0)
+
+
+def run_paired(
+    vision: VisionTower,
+    text: TextTower,
+    images: Tensor,
+    tokens: Tensor,
+    vision_plan: PromptPlan | None,
+    text_plan: PromptPlan | None,
+    between: Callable[[int, Tensor, Tensor], tuple[Tensor, Tensor]],
+) -> tuple[TowerOutput, TowerOutput]:
+    """Both towers on paired inputs (row ``i`` of ``images`` with row ``i`` of ``tokens``), block by block in step.
+
+    Before block ``l`` of each tower (after the plans' prompt writes) ``between(l, x_vision, x_text)`` sees and
+    may rewrite both hidden states; layers past the shorter tower's depth run alone. This is where a model couples
+    the modalities inside the encoders, as LPI's grounding model mixes its vision and text prompt tokens at every
+    layer (``InteractModule``). With a ``between`` that returns its inputs the outputs equal the two towers' own
+    forwards. The vision output carries its final tokens (``TowerOutput.tokens``) for dense heads.
+    """
+    if images.dim() != 4 or images.shape[0] != tokens.shape[0]:
+        raise ValueError(f"paired towers need images [B, 3, H, W] and tokens [B, L] of one batch, got "
+                         f"{tuple(images.shape)} and {tuple(tokens.shape)}")  # fmt: skip
+    vplan, tplan = vision_plan or PromptPlan(), text_plan or PromptPlan()
+    if vplan.global_tokens is not None:
+        raise ValueError("paired towers do not take global video tokens")
+    xv = vision.embed(images, vplan)
+    xt, positions, before_text = text._begin(tokens, tplan)
+    vmask = vision._check(vplan, None, xv.dtype)
+    tmask = text._check(tplan, None, xt.dtype)
+    shared = min(vision.num_layers, text.num_layers)
+    for layer in range(max(vision.num_layers, text.num_layers)):
+        if layer < vision.num_layers:
+            xv = vision._enter(layer, xv, vplan)
+        if layer < text.num_layers:
+            xt = text._enter(layer, xt, tplan, before_text)
+        if layer < shared:
+            xv, xt = between(layer, xv, xt)
+        if layer < vision.num_layers:
+            xv = vision._block(layer, xv, vplan, vmask, False)
+        if layer < text.num_layers:
+            xt = text._block(layer, xt, tplan, tmask, text.causal)
+    return TowerOutput(vision.project(xv), xv), text._end(xt, positions)
