@@ -88,6 +88,30 @@ def task_contrast_loss(
     return (pos_mean + neg_mean).mean()
 
 
+def prompt_task_loss(
+    prompts: nn.ModuleList,
+    task: int,
+    pv: Tensor,
+    pt: Tensor,
+    relation: Tensor | None,
+    temperature: float,
+    double_sigmoid: bool = False,
+) -> Tensor:
+    """LPI's ``L_task`` for task ``task`` whose prompts are ``(pv, pt)``: :func:`task_contrast_loss` over the
+    flattened prompts of tasks ``0..task`` (earlier ones detached, so the gradient reaches task ``task`` only), the
+    mean of the vision and text terms. ``relation`` ``[T, T]``: related tasks (None: every other task unrelated)."""
+    if relation is None:
+        relation = torch.eye(len(prompts))
+    earlier = [prompts[t]() for t in range(task)]
+    xv = torch.stack([p[0].detach().flatten() for p in earlier] + [pv.flatten()])
+    xt = torch.stack([p[1].detach().flatten() for p in earlier] + [pt.flatten()])
+    rel = relation[: task + 1, : task + 1].to(xv.device)
+    return 0.5 * (
+        task_contrast_loss(xv, rel, temperature, double_sigmoid)
+        + task_contrast_loss(xt, rel, temperature, double_sigmoid)
+    )
+
+
 @register_method("lpi")
 class LPI(TaskPromptMethod):
     """Per-task decomposed prompts, layer-alignment and task-contrast losses, K-means routing at test time."""
@@ -150,17 +174,7 @@ class LPI(TaskPromptMethod):
             align = layer_alignment_loss(pv, pt, o.align_temperature, o.align_normalize)
             loss, terms["align"] = loss + o.align_weight * align, align.item()
         if o.task_weight and task > 0:
-            relation = self.task_relation
-            if relation is None:  # no relation given: every other task is unrelated
-                relation = torch.eye(self.num_tasks)
-            earlier = [self.prompts[t]() for t in range(task)]  # frozen: the gradient reaches task `task` only
-            xv = torch.stack([p[0].detach().flatten() for p in earlier] + [pv.flatten()])
-            xt = torch.stack([p[1].detach().flatten() for p in earlier] + [pt.flatten()])
-            rel = relation[: task + 1, : task + 1].to(xv.device)
-            tc = 0.5 * (
-                task_contrast_loss(xv, rel, o.task_temperature, o.double_sigmoid)
-                + task_contrast_loss(xt, rel, o.task_temperature, o.double_sigmoid)
-            )
+            tc = prompt_task_loss(self.prompts, task, pv, pt, self.task_relation, o.task_temperature, o.double_sigmoid)
             loss, terms["task"] = loss + o.task_weight * tc, tc.item()
         self.loss_terms = terms
         return loss
