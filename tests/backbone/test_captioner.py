@@ -219,3 +219,37 @@ def test_tokenizer_larger_than_the_lm_is_refused() -> None:
     cap = tiny_captioner()
     with pytest.raises(ConfigError, match="rows"):
         Captioner(cap.mapper, cap.lm, CaptionTokenizer.clip_bpe())
+
+
+@pytest.mark.parametrize("kind", ["opt", "gpt2"])
+@pytest.mark.parametrize("keep", [3, 6, 7])  # fewer than the captions' length, all of it, and from the prefix's end
+def test_one_prefix_for_many_captions_is_read_once_with_the_same_logits_and_gradient(kind, keep):
+    cap = tiny_captioner(kind)
+    torch.manual_seed(4)
+    embed = torch.randn(1, 16)
+    ids = torch.randint(4, 200, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    mask[2, 2:] = 0
+    ids = ids.masked_fill(mask == 0, cap.tokenizer.pad_id)
+    weights = torch.randn(3, keep, 1)  # any loss on the kept logits
+
+    def run(shared: bool):
+        cap.zero_grad(set_to_none=True)
+        prefix = cap.prefix(embed)
+        calls: list[int] = []
+        hook = cap.lm.register_forward_pre_hook(lambda m, a, k: calls.append(k["inputs_embeds"].shape[0]),
+                                                with_kwargs=True)  # fmt: skip
+        try:
+            logits = cap.logits(prefix if shared else prefix.expand(3, -1, -1), ids, mask, keep)
+        finally:
+            hook.remove()
+        (logits * weights).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in cap.mapper.parameters()], calls
+
+    shared, g_shared, calls_shared = run(True)
+    repeated, g_repeated, calls_repeated = run(False)
+    assert calls_shared == [1, 3] and calls_repeated == [3]  # the prefix went through the LM once, alone
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_shared, g_repeated):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

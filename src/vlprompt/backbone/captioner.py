@@ -24,6 +24,8 @@ caption, so training, decoding and test-time adaptation all see ``[prefix ; BOS 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -332,6 +334,11 @@ class Captioner(nn.Module):
         if tokenizer.vocab_size > rows:
             raise ConfigError(f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens, the LM only {rows} rows")
 
+    @functools.cached_property
+    def _cache_arg(self) -> str:
+        """The LM's keyword for a key/value cache (``cache`` from transformers 5.25 on, ``past_key_values`` before)."""
+        return "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+
     @property
     def embed_dim(self) -> int:
         return int(self.lm.get_input_embeddings().weight.shape[1])
@@ -361,12 +368,34 @@ class Captioner(nn.Module):
 
     def logits(self, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
         """Logits of the last ``keep`` positions of ``[prefix ; input_ids]`` (right-padded ids and their mask);
-        only those positions go through the LM head, never the prefix's."""
+        only those positions go through the LM head, never the prefix's. One prefix ``[1, P, E]`` for several
+        captions is read once (:meth:`_shared_prefix_logits`)."""
         n = input_ids.shape[0]
+        if prefix.shape[0] == 1 and n > 1 and keep <= input_ids.shape[1] + 1:
+            return self._shared_prefix_logits(prefix, input_ids, attention_mask, keep)
         prefix = prefix.expand(n, -1, -1) if prefix.shape[0] == 1 else prefix
         embeds = torch.cat([prefix, self.lm.get_input_embeddings()(input_ids)], dim=1)
         mask = torch.cat([attention_mask.new_ones(n, prefix.shape[1]), attention_mask], dim=1)
         return self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep, use_cache=False).logits
+
+    def _shared_prefix_logits(self, prefix: Tensor, input_ids: Tensor, attention_mask: Tensor, keep: int) -> Tensor:
+        """:meth:`logits` of ``n`` captions after one shared prefix: the LM reads the prefix once and the captions
+        attend to its cached keys and values. Attention is causal, so the prefix's states do not depend on what
+        follows it and the result is the batched pass's (to float rounding) at ``P + n·L`` tokens instead of
+        ``n·(P + L)``; the gradient reaches the prefix through the shared cache. RLCF's K candidates of one image
+        are such a batch (the reference repeats the prefix K times)."""
+        n, p = input_ids.shape[0], prefix.shape[1]
+        head = self.lm(inputs_embeds=prefix, attention_mask=attention_mask.new_ones(1, p), use_cache=True,
+                       logits_to_keep=1)  # fmt: skip
+        cache = head["cache"] if "cache" in head else head["past_key_values"]  # `cache` from transformers 5.25 on
+        cache.batch_repeat_interleave(n)
+        mask = torch.cat([attention_mask.new_ones(n, p), attention_mask], dim=1)
+        embeds = self.lm.get_input_embeddings()(input_ids)
+        tail = self.lm(inputs_embeds=embeds, attention_mask=mask, use_cache=True, **{self._cache_arg: cache},
+                       logits_to_keep=min(keep, input_ids.shape[1])).logits  # fmt: skip
+        if keep > input_ids.shape[1]:  # the last prefix position predicts the first token (the reference's layout)
+            tail = torch.cat([head.logits[:, -1:].expand(n, -1, -1), tail], dim=1)
+        return tail
 
     @torch.no_grad()
     def beam_search(
