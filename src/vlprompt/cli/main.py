@@ -14,7 +14,7 @@ import sys
 # Subcommand modules, in the order they appear in --help.
 COMMANDS = [
     "train", "eval", "continual", "tta", "metrics", "params", "list", "features", "index", "search", "serve",
-    "report", "export", "world", "pretrain", "demo", "video",
+    "report", "export", "world", "pretrain", "demo", "video", "caption",
 ]  # fmt: skip
 
 

@@ -19,8 +19,17 @@ def run(args: argparse.Namespace) -> int:
     from vlprompt.config import load_config
     from vlprompt.core import train
     from vlprompt.core.rundir import run_dir_for
+    from vlprompt.errors import ConfigError
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, progress=not args.quiet)
+    name = cfg.method.get("name")
+    if name == "rlcf_caption":
+        raise ConfigError("rlcf_caption adapts at test time: run `vlprompt caption CONFIG --weights RUN_DIR`")
+    if name in ("clipcap", "capdec"):  # captioners evaluate by captioning, not by retrieval
+        from vlprompt.runners.caption import train_captioner
+
+        result = train_captioner(cfg, progress=not args.quiet)
+    else:
+        result = train(cfg, progress=not args.quiet)
     print_metrics(result, args.json, title=f"{run_dir_for(cfg)}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from vlprompt.core.progress import TrainProgress
 from vlprompt.core.rundir import append_metrics, prepare_run_dir, run_dir_for, tracked_run, write_json
 from vlprompt.core.tracking import TrainLog, open_tracker
 from vlprompt.data import collate_skip_none
-from vlprompt.data.sources import eval_set, train_set
+from vlprompt.data.sources import EvalSet, eval_set, train_set
 from vlprompt.errors import ConfigError
 from vlprompt.methods import Method
 from vlprompt.run_layout import latest_checkpoint
@@ -95,13 +96,29 @@ class WithSampleIndex(Dataset):
         return None if item is None else (*item, i)
 
 
+#: What the trainer evaluates the validation and test sets with: ``(method, gallery, cfg) -> metrics`` (numbers;
+#: nested dicts and ``None`` allowed). Retrieval by default; a paradigm's runner passes its own (captioning).
+Evaluator = Callable[[Method, EvalSet, Config], dict[str, Any]]
+
+
+def retrieval_evaluator(method: Method, gallery: EvalSet, cfg: Config) -> dict[str, Any]:
+    """The default: retrieval metrics of the gallery (:func:`~vlprompt.core.evaluate.evaluate_retrieval`)."""
+    return evaluate_retrieval(method, gallery, cfg.train.eval_batch_size, cfg.train.autocast)
+
+
 class _Interrupt(Exception):
     """Raised by tests to simulate a kill at a given step."""
 
 
 @tracked_run
-def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = None) -> dict[str, Any]:
-    """Train ``cfg``'s method; returns the final metrics (also written to ``RUN_DIR/metrics.json``)."""
+def train(
+    cfg: Config,
+    progress: bool = True,
+    interrupt_at_step: int | None = None,
+    evaluate: Evaluator = retrieval_evaluator,
+) -> dict[str, Any]:
+    """Train ``cfg``'s method; returns the final metrics (also written to ``RUN_DIR/metrics.json``); ``evaluate``
+    scores the validation and test sets."""
     if not cfg.data.train:
         raise ConfigError("data.train is empty: give an annotation file to train on (or use `vlprompt eval`)")
     info = distributed.from_environment()  # torchrun's ranks, or one process
@@ -176,10 +193,11 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
         )
 
     def validate(epoch: int) -> dict[str, float]:
-        metrics = evaluate_retrieval(method, val, t.eval_batch_size, t.autocast)
+        metrics = evaluate(method, val, cfg)
         append_metrics(run_dir, {"epoch": epoch, "step": step, **{f"val/{k}": v for k, v in metrics.items()}})
         tracker.log({"val": metrics}, step)
-        display.log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.1f}" for k, v in metrics.items() if "R@1" in k))
+        shown = [k for k, v in metrics.items() if isinstance(v, float) and ("R@1" in k or k in ("CIDEr", "BLEU-4"))]
+        display.log(f"epoch {epoch}: " + ", ".join(f"{k} {metrics[k]:.1f}" for k in shown))
         return metrics
 
     counts = method.parameter_counts()
@@ -246,7 +264,7 @@ def train(cfg: Config, progress: bool = True, interrupt_at_step: int | None = No
     if val is not None:
         result["val"] = validate(epoch)
     if test is not None:
-        result["test"] = evaluate_retrieval(method, test, t.eval_batch_size, t.autocast)
+        result["test"] = evaluate(method, test, cfg)
         tracker.log({"test": result["test"]}, step)
     tracker.close()
     bad = pairs.bad_samples

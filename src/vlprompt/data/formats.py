@@ -12,6 +12,9 @@ DATASET_FORMATS: dict[str, str] = {
     # referring expressions (RefCOCO/+/g; readers in vlprompt.data.grounding, the grounding model comes later)
     "mdetr-refexp": "RefCOCO/+/g as MDETR's finetune_<refcoco|refcoco+|refcocog>_<split>.json (COCO train2014 images)",
     "refer": "RefCOCO/+/g in the refer toolkit layout: <dataset>/refs(unc|google|umd).p + instances.json",
+    # captioning (`vlprompt caption`; readers in vlprompt.data.captions)
+    "nocaps": "nocaps validation / COCO-caption JSON ({images: [{id, file_name, domain}], annotations}); "
+    "karpathy files work too; data.root = image root",
     "world": "the embedded offline world (`vlprompt world build`), written in the formats above",
     # classification (test-time adaptation: `vlprompt tta`; class-incremental: `vlprompt continual` with cil.*)
     "imagenet": "TTA: ImageNet-1k validation set, val/<wnid>/*.JPEG",

@@ -139,6 +139,9 @@ class CaptionerOptions:
     max_new_tokens: int = count(50)
     final_beams: int = count(5)  # beams of the final caption
     reference_checkpoint: str = ""  # a ClipCap / CapDec / RLCF mapper .pt to start from
+    # the evaluation CLIP of CLIPScore / RefCLIPScore (runners.caption); "" = the policy CLIP itself
+    clipscore_model: str = ""  # Hessel et al. and RLCF's Table 3: ViT-B-32, openai
+    clipscore_pretrained: str = ""
 
 
 @dataclass
