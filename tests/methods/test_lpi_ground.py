@@ -223,4 +223,5 @@ def test_bad_options_are_refused():
 
 def test_normalized_targets_feed_the_loss_in_the_box_heads_format():
     boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
-    torch.testing.assert_close(normalized_targets(boxes, torch.tensor([[40, 80]])), torch.tensor([[0.5, 0.5, 0.5, 0.5]]))
+    want = torch.tensor([[0.5, 0.5, 0.5, 0.5]])
+    torch.testing.assert_close(normalized_targets(boxes, torch.tensor([[40, 80]])), want)

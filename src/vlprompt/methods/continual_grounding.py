@@ -13,6 +13,10 @@ them, MaPLe). GLIP added the text prompts to BERT's first 16 tokens and the visu
 OWL-ViT's text context holds only 16 tokens, so LPI's 16 placeholder words cannot be used and inserting keeps the
 expression whole. The detector drops the inserted vision tokens before its heads. GLIP-only details (re-packing the
 prompt for deeper Swin stages, the (W, H) write-back of the interaction) do not apply to a ViT and are not ported.
+
+**Interaction** (LPI and DCP): a per-task :class:`~vlprompt.prompts.lpi.LowRankInteraction` mixes the N prompt
+tokens of both towers of the same image-expression pair before blocks ``1..interact_depth-1``
+(:func:`prompt_interaction`, the one home of that coupling); a method that sets ``self.interactions`` gets it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from vlprompt.methods.continual import ContinualMethod
 from vlprompt.methods.grounding import Between, GroundingMethod, GroundingOptions
 from vlprompt.methods.routing import KMeansRouter
 from vlprompt.options import count, nonneg
+from vlprompt.prompts.lpi import LowRankInteraction
 
 
 @dataclass
@@ -59,9 +64,40 @@ def grounding_plans(pv: Tensor, pt: Tensor, depth: int, before_ln_pre: bool = Tr
     raise ValueError(f"deep prompts are added or replace tokens, got {deep!r}")
 
 
+def interaction_modules(backbone: Backbone, num_tasks: int, rank: int, mix: float) -> nn.ModuleList:
+    """One :class:`~vlprompt.prompts.lpi.LowRankInteraction` per task, its CP maps spanning every tower layer
+    (the spec's CLIP port of LPI's ``InteractModule``: ``[L_towers, Dv + 1, Dt]`` and ``[L_towers, Dt + 1, Dv]``)."""
+    towers = min(backbone.vision.num_layers, backbone.text.num_layers)
+    dv, dt = backbone.vision_width, backbone.text_width
+    return nn.ModuleList(LowRankInteraction(towers, dv, dt, rank, mix) for _ in range(num_tasks))
+
+
+def prompt_interaction(module: nn.Module, n_tokens: int, depth: int) -> Between | None:
+    """The per-layer coupling of one task's interaction ``module``: before each block ``1 <= l < depth`` the tokens
+    at positions ``1..N`` of both towers (the prompt tokens :func:`grounding_plans` inserts after the first token)
+    are replaced by ``module(l, v, t)``; block 0 (prompts just inserted) and blocks from ``depth`` on pass through.
+    None when ``depth < 2`` (no block to couple)."""
+    if depth < 2:
+        return None
+
+    def between(layer: int, xv: Tensor, xt: Tensor) -> tuple[Tensor, Tensor]:
+        if not 1 <= layer < depth:
+            return xv, xt
+        v, t = module(layer, xv[:, 1 : 1 + n_tokens], xt[:, 1 : 1 + n_tokens])
+        return _write(xv, v), _write(xt, t)
+
+    return between
+
+
+def _write(x: Tensor, tokens: Tensor) -> Tensor:
+    """``x`` with positions ``1..N`` replaced by ``tokens [B, N, D]`` (out of place: autograd sees both)."""
+    return torch.cat([x[:, :1], tokens.to(x.dtype), x[:, 1 + tokens.shape[1] :]], dim=1)
+
+
 class TaskGroundingMethod(GroundingMethod, ContinualMethod):
     """Per-task prompts for REC (see the module docstring). Subclasses fill ``self.prompts`` (an ``nn.ModuleList``
-    over tasks whose modules return ``(P_v, P_t)``) and may return a per-layer coupling from :meth:`interaction`."""
+    over tasks whose modules return ``(P_v, P_t)``) and, for LPI's per-layer coupling, ``self.interactions``
+    (:func:`interaction_modules`), applied before blocks ``1..interact_depth-1``."""
 
     Options = TaskGroundingOptions
     uses_keys = True
@@ -79,6 +115,12 @@ class TaskGroundingMethod(GroundingMethod, ContinualMethod):
             raise ValueError(f"{type(self).__name__}: depth must be in 1..{towers} (the towers' depth), got {o.depth}")
         self.depth = o.depth
         self.image_router = KMeansRouter(self.num_tasks, backbone.embed_dim, o.n_keys)
+        self.interactions: nn.ModuleList | None = None  # per-task interaction modules, set by methods with one
+
+    @property
+    def interact_depth(self) -> int:
+        """The interaction runs before blocks ``1..interact_depth-1``: LPI's ``INTERACT_DEPTH`` = its prompt depth."""
+        return self.depth
 
     def begin_task(self, task: int) -> None:
         ContinualMethod.begin_task(self, task)
@@ -86,8 +128,10 @@ class TaskGroundingMethod(GroundingMethod, ContinualMethod):
             module.requires_grad_(t == task)
 
     def task_modules(self) -> list[nn.Module]:
-        """What task ``t`` trains, indexed by task (its prompts; methods with interaction modules add them)."""
-        return list(self.prompts)
+        """What task ``t`` trains, indexed by task: its prompts and, where the method has them, its interaction."""
+        if self.interactions is None:
+            return list(self.prompts)
+        return [nn.ModuleList([p, i]) for p, i in zip(self.prompts, self.interactions)]
 
     def task_prompts(self, task: int) -> tuple[Tensor, Tensor]:
         """``(P_v, P_t)`` of task ``task``."""
@@ -100,8 +144,10 @@ class TaskGroundingMethod(GroundingMethod, ContinualMethod):
         return self.task_plans(self.current_task)
 
     def interaction(self, task: int) -> Between | None:
-        """Task ``task``'s per-layer coupling of the towers (None: the towers run apart)."""
-        return None
+        """Task ``task``'s per-layer coupling of the towers (None: no interaction modules, the towers run apart)."""
+        if self.interactions is None:
+            return None
+        return prompt_interaction(self.interactions[task], self.options.n_tokens, self.interact_depth)
 
     def ground(
         self, images: Tensor, tokens: Tensor, plans: Plans | None = None, between: Between | None = None

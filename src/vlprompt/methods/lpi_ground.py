@@ -7,7 +7,8 @@ N vision prompt tokens ``v`` and the N text prompt tokens ``t`` of the *same* im
 ``v <- LN_v(0.9 v + 0.1 (t W_t2v[l] + b))``, ``t <- LN_t(0.9 t + 0.1 (v W_v2t[l] + b))``, the per-layer maps stored as
 CP tensors over all tower layers (LPI's ``InteractModule``, the spec's CLIP port:
 :class:`~vlprompt.prompts.lpi.LowRankInteraction` on hidden states). The towers run in lock-step for it
-(:func:`~vlprompt.backbone.towers.run_paired`).
+(:func:`~vlprompt.backbone.towers.run_paired`); the coupling is
+:func:`~vlprompt.methods.continual_grounding.prompt_interaction`, shared with DCP.
 
 Loss (spec 3.4, the grounding variant): the detector's REC loss + 0.1 L_align (each layer's [N] vector L2-normalised,
 scale 100 = temperature 0.01) + 0.1 L_task (tau = 0.01, from the second task on). Trainable per task:
@@ -20,17 +21,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone
 from vlprompt.backbone.detector import Detector
 from vlprompt.methods.base import register_method
-from vlprompt.methods.continual_grounding import TaskGroundingMethod, TaskGroundingOptions
-from vlprompt.methods.grounding import Between
+from vlprompt.methods.continual_grounding import TaskGroundingMethod, TaskGroundingOptions, interaction_modules
 from vlprompt.methods.lpi import layer_alignment_loss, prompt_task_loss
 from vlprompt.options import count, nonneg, positive
-from vlprompt.prompts.lpi import DecomposedPrompt, LowRankInteraction
+from vlprompt.prompts.lpi import DecomposedPrompt
 
 
 @dataclass
@@ -64,36 +63,12 @@ class LPIGround(TaskGroundingMethod):
         if o.depth > o.layers:
             raise ValueError(f"lpi_ground.depth ({o.depth}) cannot exceed the prompt's layer slices ({o.layers})")
         dv, dt = backbone.vision_width, backbone.text_width
-        towers = min(backbone.vision.num_layers, backbone.text.num_layers)
         self.prompts = nn.ModuleList(
             DecomposedPrompt(o.layers, o.n_tokens, dv, dt, o.rank, o.init_std) for _ in range(self.num_tasks)
         )
-        self.interactions = (
-            nn.ModuleList(
-                LowRankInteraction(towers, dv, dt, o.interact_rank, o.interact_mix) for _ in range(self.num_tasks)
-            )
-            if o.interact
-            else None
-        )
+        if o.interact:  # applied before blocks 1..depth-1 (INTERACT_DEPTH = PROMPT_DEPTH), see TaskGroundingMethod
+            self.interactions = interaction_modules(backbone, self.num_tasks, o.interact_rank, o.interact_mix)
         self.begin_task(0)
-
-    def task_modules(self) -> list[nn.Module]:
-        if self.interactions is None:
-            return list(self.prompts)
-        return [nn.ModuleList([p, i]) for p, i in zip(self.prompts, self.interactions)]
-
-    def interaction(self, task: int) -> Between | None:
-        if self.interactions is None or self.depth < 2:
-            return None
-        module, n, depth = self.interactions[task], self.options.n_tokens, self.depth
-
-        def between(layer: int, xv: Tensor, xt: Tensor) -> tuple[Tensor, Tensor]:
-            if not 1 <= layer < depth:
-                return xv, xt
-            v, t = module(layer, xv[:, 1 : 1 + n], xt[:, 1 : 1 + n])
-            return _write(xv, v), _write(xt, t)
-
-        return between
 
     def forward(self, images: Tensor, tokens: Tensor, targets: Tensor) -> Tensor:  # type: ignore[override]
         """REC loss + 0.1 L_align + 0.1 L_task (terms in ``loss_terms``)."""
@@ -109,8 +84,3 @@ class LPIGround(TaskGroundingMethod):
             loss, terms["task"] = loss + o.task_weight * tc, float(tc.detach())
         self.loss_terms = terms
         return loss
-
-
-def _write(x: Tensor, tokens: Tensor) -> Tensor:
-    """``x`` with positions ``1..N`` replaced by ``tokens [B, N, D]`` (out of place: autograd sees both)."""
-    return torch.cat([x[:, :1], tokens.to(x.dtype), x[:, 1 + tokens.shape[1] :]], dim=1)
