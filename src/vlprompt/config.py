@@ -148,6 +148,21 @@ class CILConfig:
 
 
 @dataclass
+class GroundingConfig:
+    """Referring-expression grounding: ``vlprompt continual`` with a grounding method. ``data.format``
+    ``mdetr-refexp``: ``data.train/val/test`` are MDETR ``finetune_<dataset>_<split>.json`` files; ``refer``: refer
+    split names (``testA``...) of the folder ``dataset``. Tasks: ``continual.tasks`` ("" = ``coco``, LPI's 12)."""
+
+    images: str = ""  # folder the image file names resolve against (COCO train2014/), under data.root; "" = data.root
+    dataset: str = ""  # refcoco | refcoco+ | refcocog (the world: world): MDETR files must hold it; refer: its folder
+    split_by: str = ""  # refer layout: refs(<split_by>).p ("" = the dataset's usual one: unc, umd)
+    min_side: float = nonneg(1.0)  # training leaves out targets with a side <= this many pixels (GLIP, LPI)
+    # an OWL-ViT / OWLv2 checkpoint in the transformers format (folder, or Hub id in the local cache): its towers
+    # and heads replace backbone.* ("" = backbone.* with new heads)
+    detector: str = ""
+
+
+@dataclass
 class LogConfig:
     """Experiment tracking, as open_clip's ``--report-to``: losses, learning rate, every evaluated metric, continual
     accuracy matrices and TTA gains also go to TensorBoard (``RUN_DIR/tensorboard``) and/or Weights & Biases
@@ -170,6 +185,7 @@ class Config:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
     cil: CILConfig = field(default_factory=CILConfig)
+    grounding: GroundingConfig = field(default_factory=GroundingConfig)
     log: LogConfig = field(default_factory=LogConfig)
     seed: int = ranged(0, ge=0, le=MAX_SEED)
     device: str = "auto"  # auto | cpu | cuda | cuda:1 ...

@@ -3,6 +3,8 @@
 Writes ``RUN_DIR/continual.json`` (accuracy matrices, summaries with their definitions) and ``RUN_DIR/report.html``
 (heatmaps). ``resume=true`` restarts a killed run at the task it was in. ``--build-coco COCO_ROOT OUT_DIR`` writes
 the COCO continual split (LPI's 12 super-category tasks) from the COCO 2014 captions and instances annotations.
+The method picks the runner: a class-incremental method runs ``runners/cil.py``, a grounding method (a
+``GroundingMethod``: ``zeroshot_ground``, ``lpi_ground``, ...) ``runners/grounding.py``, any other continual retrieval.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("continual", help="continual retrieval over a task sequence", description=__doc__)
+    p = sub.add_parser("continual", help="continual retrieval, classification or grounding over a task sequence",
+                       description=__doc__)  # fmt: skip
     p.add_argument("config", nargs="?", help="YAML config (see configs/, e.g. configs/lpi_coco_vitb16.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. continual.oracle_task=true")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -49,15 +52,26 @@ def run(args: argparse.Namespace) -> int:
         else:
             print_cil_summary(results, str(run_dir_for(cfg)))
         return 0
-    results = run_continual(cfg, progress=not args.quiet, log=None if args.json else print)
+    # Referring-expression grounding (issue 16): configs whose method is a GroundingMethod (zeroshot_ground,
+    # lpi_ground, ...) run in vlprompt.runners.grounding; P@1 matrices instead of R@1.
+    from vlprompt.runners.grounding import is_grounding
+
+    metrics = ("i2t/R@1", "t2i/R@1")
+    if is_grounding(cfg):
+        from vlprompt.runners.grounding import run_continual_grounding
+
+        results = run_continual_grounding(cfg, progress=not args.quiet, log=None if args.json else print)
+        metrics = ("rec/P@1", "route/acc")
+    else:
+        results = run_continual(cfg, progress=not args.quiet, log=None if args.json else print)
     if args.json:
         print(json.dumps({"summary": results["summary"], "params": results["params"]}, sort_keys=True))
         return 0
-    _print_summary(results, str(run_dir_for(cfg)))
+    _print_summary(results, str(run_dir_for(cfg)), metrics)
     return 0
 
 
-def _print_summary(results: dict, title: str) -> None:
+def _print_summary(results: dict, title: str, metrics: tuple[str, ...] = ("i2t/R@1", "t2i/R@1")) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -66,7 +80,7 @@ def _print_summary(results: dict, title: str) -> None:
 
     console = Console(width=max(120, Console().width))
     names = [t["name"] for t in results["tasks"]]
-    for metric in ("i2t/R@1", "t2i/R@1"):
+    for metric in (m for m in metrics if m in results["matrices"]):
         table = Table(title=f"{metric}: task (column) after training session (row)")
         table.add_column("after")
         for n in names:

@@ -41,4 +41,9 @@ def run(args: argparse.Namespace) -> int:
     )
     v = c["video"]
     print(f"  video: {v['train']} train / {v['val']} val / {v['test']} test videos of {v['frames']} frames")
+    g = c["grounding"]
+    print(
+        f"  grounding: {g['base_train']['expressions']} base train / {g['train']['expressions']} train /"
+        f" {g['val']['expressions']} val / {g['test']['expressions']} test expressions, test in every domain"
+    )
     return 0

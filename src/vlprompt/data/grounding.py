@@ -26,7 +26,8 @@ indoor, kitchen, furniture, vehicle, food, animal, person; :data:`vlprompt.data.
 per-task id lists (``TASK_DIV/<dataset>/<split>/GLIP_TASK_{t}_{train|val}``) were never released;
 :func:`build_task_lists` regenerates them with the rules of LPI's ``ModulatedDataset``: ids ascending, and
 expressions whose target box has a side of at most one pixel left out (GLIP's ``has_valid_annotation``, applied
-before the split).
+before the split). Another task sequence (``tasks``, e.g. the embedded world's ``continual/tasks.json``, whose task
+names are its super-categories) replaces LPI's COCO tasks in the readers and in :func:`build_task_lists`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlprompt.data.continual import COCO_SUPERCATEGORIES, category_to_task, coco_task_sequence
+from vlprompt.data.continual import TaskSpec, coco_task_sequence
 from vlprompt.data.json_files import read_json
 from vlprompt.errors import DataError
 from vlprompt.safe_pickle import load_pickle
@@ -50,8 +51,6 @@ REFER_SPLIT_BY: dict[str, str] = {"refcoco": "unc", "refcoco+": "unc", "refcocog
 #: GLIP's ``has_valid_annotation``: a target with a side of at most this many pixels is left out of the tasks.
 MIN_SIDE = 1.0
 _MDETR_NAME = re.compile(r"^finetune_(?P<dataset>.+)_(?P<split>train|val|testA|testB|test)\.json$")
-_SUPERCATEGORY_ID = {name: i for i, name in COCO_SUPERCATEGORIES.items()}
-_TASK_OF = category_to_task(coco_task_sequence())  # LPI super-category id -> task index
 _TASK_LISTS_FORMAT = "vlprompt REC task lists 1"
 
 
@@ -73,22 +72,14 @@ class RefSample:
     ann_id: int  # COCO annotation id of the target
     ref_id: int | None  # refer's ref id; MDETR's files do not keep it
     layout: str  # "mdetr" or "refer"
+    supercategory_id: int  # the super-category's id in the task sequence (COCO: LPI's 1 person ... 12 indoor)
+    task: int  # index of its task in the sequence (COCO, LPI's order: 0 = appliance ... 11 = person)
 
     @property
     def box(self) -> tuple[float, float, float, float]:
         """The target box ``(x1, y1, x2, y2)`` in pixels."""
         x, y, w, h = self.bbox
         return (x, y, x + w, y + h)
-
-    @property
-    def supercategory_id(self) -> int:
-        """LPI's integer id of the super-category (1 person ... 12 indoor, COCO's order)."""
-        return _SUPERCATEGORY_ID[self.supercategory]
-
-    @property
-    def task(self) -> int:
-        """The LPI task index of this sample (0 = appliance ... 11 = person)."""
-        return _TASK_OF[self.supercategory_id]
 
 
 # ---- field checks shared by both layouts ---------------------------------------------------------------------------
@@ -142,16 +133,29 @@ def _categories(raw: Any, where: str) -> dict[int, str]:
     return out
 
 
-def _supercategory(category_id: int, categories: dict[int, str], where: str, source: Path) -> str:
+def task_lookup(tasks: Sequence[TaskSpec] | None = None) -> dict[str, tuple[int, int]]:
+    """``{super-category name: (its id, task index)}`` of a task sequence whose task names are super-categories
+    (default: LPI's 12 COCO tasks); a task of several categories has no single super-category and is refused."""
+    tasks = coco_task_sequence() if tasks is None else tasks
+    multi = [t.name for t in tasks if len(t.categories) != 1]
+    if multi:
+        raise DataError(f"grounding tasks are single super-categories; task(s) {multi} join several")
+    return {t.name: (t.categories[0], t.index) for t in tasks}
+
+
+def _supercategory(
+    category_id: int, categories: dict[int, str], where: str, source: Path, lookup: dict[str, tuple[int, int]]
+) -> tuple[str, int, int]:
+    """``(super-category name, id, task index)`` of a category."""
     if category_id not in categories:
         raise DataError(f"{where}: category_id {category_id} is not among the categories of {source}")
     name = categories[category_id]
-    if name not in _SUPERCATEGORY_ID:
+    if name not in lookup:
         raise DataError(
-            f"{where}: category {category_id} has super-category {name!r}, not one of COCO's 12 "
-            f"({', '.join(COCO_SUPERCATEGORIES.values())})"
+            f"{where}: category {category_id} has super-category {name!r}, not one of the task sequence's "
+            f"{len(lookup)} ({', '.join(lookup)})"
         )
-    return name
+    return (name, *lookup[name])
 
 
 def _image_file(img: dict, where: str, image_root: str | Path | None) -> tuple[str, int, int]:
@@ -174,14 +178,18 @@ def mdetr_file_split(path: str | Path) -> tuple[str, str] | None:
 
 
 def read_mdetr_refexp(
-    path: str | Path, image_root: str | Path | None = None, split: str | None = None
+    path: str | Path,
+    image_root: str | Path | None = None,
+    split: str | None = None,
+    tasks: Sequence[TaskSpec] | None = None,
 ) -> list[RefSample]:
     """The samples of an MDETR ``finetune_<dataset>_<split>.json`` file, in file order.
 
     ``split`` overrides the split the file name gives (a file named otherwise needs it). Every image entry must
-    have exactly one annotation (MDETR's evaluator asserts the same).
+    have exactly one annotation (MDETR's evaluator asserts the same). ``tasks``: see :func:`task_lookup`.
     """
     path = Path(path)
+    lookup = task_lookup(tasks)
     named = mdetr_file_split(path)
     split = split or (named[1] if named else None)
     if not split:
@@ -208,13 +216,13 @@ def read_mdetr_refexp(
         j, ann = targets[0]
         awhere = f"{path}: annotations[{j}] (image id {image_id})"
         category_id = _int(ann, "category_id", awhere)
+        supercategory, supercategory_id, task = _supercategory(category_id, categories, awhere, path, lookup)
         samples.append(RefSample(
             sample_id=image_id, image=file, width=width, height=height, expression=expression,
-            bbox=_bbox(ann, awhere), category_id=category_id,
-            supercategory=_supercategory(category_id, categories, awhere, path), split=split,
+            bbox=_bbox(ann, awhere), category_id=category_id, supercategory=supercategory, split=split,
             dataset=str(img.get("dataset_name") or (named[0] if named else "")),
             image_id=_int(img, "original_id", where), ann_id=_int(ann, "original_id", awhere), ref_id=None,
-            layout="mdetr",
+            layout="mdetr", supercategory_id=supercategory_id, task=task,
         ))  # fmt: skip
     orphans = sorted(set(by_image) - seen)
     if orphans:
@@ -255,10 +263,13 @@ def read_refer(
     split_by: str | None = None,
     image_root: str | Path | None = None,
     dataset: str | None = None,
+    tasks: Sequence[TaskSpec] | None = None,
 ) -> list[RefSample]:
     """The samples of one split of a refer toolkit folder (``refs(<split_by>).p`` + ``instances.json``), one per
-    sentence, refs in file order. ``dataset`` defaults to the folder's name (``refcoco``, ``refcoco+``, ...)."""
+    sentence, refs in file order. ``dataset`` defaults to the folder's name (``refcoco``, ``refcoco+``, ...);
+    ``tasks``: see :func:`task_lookup`."""
     folder = Path(folder)
+    lookup = task_lookup(tasks)
     refs_path, instances_path = refer_files(folder, split_by)
     refs = read_refs_pickle(refs_path)
     images, annotations, categories = _coco_parts(read_json(instances_path, "COCO instances file"),
@@ -289,7 +300,7 @@ def read_refer(
         file, width, height = _image_file(image, image_where, image_root)
         ann_where, ann = ann_by_id[ann_id]
         bbox = _bbox(ann, ann_where)
-        supercategory = _supercategory(category_id, categories, where, instances_path)
+        supercategory, supercategory_id, task = _supercategory(category_id, categories, where, instances_path, lookup)
         sentences = ref.get("sentences")
         if not isinstance(sentences, list) or not sentences:
             raise DataError(f"{where}: 'sentences' must be a non-empty list")
@@ -300,7 +311,7 @@ def read_refer(
                 sample_id=_int(sent, "sent_id", swhere), image=file, width=width, height=height,
                 expression=_text(sent, "sent", swhere), bbox=bbox, category_id=category_id,
                 supercategory=supercategory, split=split, dataset=dataset, image_id=image_id, ann_id=ann_id,
-                ref_id=ref_id, layout="refer",
+                ref_id=ref_id, layout="refer", supercategory_id=supercategory_id, task=task,
             ))  # fmt: skip
     if split not in splits:
         raise DataError(f"{refs_path}: no refs of split {split!r} (it has: {', '.join(sorted(splits)) or 'none'})")
@@ -312,12 +323,15 @@ def _small(sample: RefSample, min_side: float) -> bool:
     return sample.bbox[2] <= min_side or sample.bbox[3] <= min_side
 
 
-def build_task_lists(samples: Iterable[RefSample], min_side: float = MIN_SIDE) -> dict[str, Any]:
+def build_task_lists(
+    samples: Iterable[RefSample], min_side: float = MIN_SIDE, tasks: Sequence[TaskSpec] | None = None
+) -> dict[str, Any]:
     """LPI's per-task sample-id lists for one split of one dataset, as a JSON-ready document.
 
-    ``tasks[t]["ids"]`` are the ascending ``sample_id`` s of task ``t`` (LPI's order); samples whose target has
-    a side ``<= min_side`` pixels are left out of every task and listed under ``left_out_small_targets`` (GLIP's
-    rule, as LPI's dataset applies it; ``min_side=0`` keeps all but zero-size targets).
+    ``tasks[t]["ids"]`` are the ascending ``sample_id`` s of task ``t`` (LPI's order, or that of ``tasks``, the
+    sequence the samples were read with); samples whose target has a side ``<= min_side`` pixels are left out of
+    every task and listed under ``left_out_small_targets`` (GLIP's rule, as LPI's dataset applies it;
+    ``min_side=0`` keeps all but zero-size targets).
     """
     samples = list(samples)
     if not samples:
@@ -326,7 +340,12 @@ def build_task_lists(samples: Iterable[RefSample], min_side: float = MIN_SIDE) -
     if len(origin) != 1:
         raise DataError(f"task lists are built per dataset split and layout; the samples mix {sorted(origin)}")
     samples_by_id(samples)  # the ids must identify samples
-    tasks = coco_task_sequence()
+    lookup = task_lookup(tasks)
+    tasks = coco_task_sequence() if tasks is None else list(tasks)
+    for s in samples:
+        if lookup.get(s.supercategory) != (s.supercategory_id, s.task):
+            raise DataError(f"sample {s.sample_id} ({s.supercategory!r}, task {s.task}) was read with another task "
+                            "sequence than the one given here")  # fmt: skip
     ids: list[list[int]] = [[] for _ in tasks]
     small = []
     for s in samples:
@@ -338,7 +357,8 @@ def build_task_lists(samples: Iterable[RefSample], min_side: float = MIN_SIDE) -
         "split": split,
         "layout": layout,
         "ids_are": "MDETR image ids" if layout == "mdetr" else "refer sent_ids",
-        "rule": "task = LPI index of the COCO super-category of the target's category (its first annotation's)",
+        "rule": "task = index, in the task sequence (default LPI's COCO order), of the super-category of the "
+        "target's category (its first annotation's)",
         "min_side": min_side,
         "tasks": [
             {"task": t.index, "name": t.name, "supercategory_id": t.categories[0], "ids": sorted(ids[t.index])}
@@ -348,9 +368,11 @@ def build_task_lists(samples: Iterable[RefSample], min_side: float = MIN_SIDE) -
     }
 
 
-def save_task_lists(samples: Iterable[RefSample], path: str | Path, min_side: float = MIN_SIDE) -> dict[str, Any]:
+def save_task_lists(
+    samples: Iterable[RefSample], path: str | Path, min_side: float = MIN_SIDE, tasks: Sequence[TaskSpec] | None = None
+) -> dict[str, Any]:
     """Build the task lists (:func:`build_task_lists`) and write them to ``path`` as JSON; returns the document."""
-    doc = build_task_lists(samples, min_side)
+    doc = build_task_lists(samples, min_side, tasks)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

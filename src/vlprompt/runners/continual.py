@@ -250,7 +250,10 @@ def run_task_sequence(
 def method_state(method: Method) -> dict[str, Tensor]:
     """Everything of a method that is not the frozen backbone: all tasks' prompts, routing keys, trained weights."""
     trained = {n for n, p in method.named_parameters() if p.requires_grad}
-    return {k: v for k, v in method.state_dict().items() if not k.startswith("backbone.") or k in trained}
+    # the frozen backbone under any name: a grounding method's detector holds the same towers as detector.backbone
+    frozen = {id(t) for t in method.backbone.state_dict(keep_vars=True).values()}
+    return {k: v.detach() for k, v in method.state_dict(keep_vars=True).items()
+            if k in trained or (not k.startswith("backbone.") and id(v) not in frozen)}  # fmt: skip
 
 
 def load_method_state(method: Method, state: dict[str, Tensor]) -> None:

@@ -41,7 +41,7 @@ def plan():
 @pytest.fixture(scope="module")
 def objects_of(plan) -> dict[str, tuple]:
     """relpath -> the objects drawn in that image."""
-    return {rel: objs for rel, objs, _, _ in plan.images}
+    return {rel: objs for rel, objs, *_ in plan.images}
 
 
 def _load(path: Path):
@@ -76,7 +76,8 @@ def test_cli_builds_the_same_world(world: Path, tmp_path: Path, capsys: pytest.C
 
     out = tmp_path / "cli"
     assert main(["world", "build", "--out", str(out), "--size", "small", "--workers", "1"]) == 0
-    assert "images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "images" in printed and "grounding:" in printed
     assert _manifest(out) == _manifest(world)
     # building again over a world replaces it in place
     assert main(["world", "build", "--out", str(out), "--size", "small", "--seed", "3", "--workers", "1"]) == 0
@@ -177,7 +178,7 @@ def test_captions_name_the_true_attributes(world: Path, objects_of: dict) -> Non
 def test_canonical_caption_has_every_attribute(plan) -> None:
     from vlprompt.data.world.scenes import SceneSpec
 
-    for _, objs, _, _ in plan.images[:50]:
+    for _, objs, *_ in plan.images[:50]:
         if len(objs) != 1:
             continue
         o = objs[0]

@@ -23,6 +23,7 @@ from typing import Any
 
 from vlprompt.data.world import layout as L
 from vlprompt.data.world import vocabulary as V
+from vlprompt.data.world.grounding_part import GroundingSize, plan_grounding
 from vlprompt.data.world.scenes import (
     ObjectSpec,
     SceneSpec,
@@ -31,6 +32,7 @@ from vlprompt.data.world.scenes import (
     sample_class_scene,
     sample_scene,
 )
+from vlprompt.data.world.settings import OFF_SETTING, SETTINGS, Backdrop, scene_setting
 from vlprompt.data.world.video import VideoSpec, captions_for_video, reverse_video, sample_video
 from vlprompt.errors import DataError
 
@@ -54,11 +56,14 @@ class WorldSize:
     vid_train: int
     vid_val_pairs: int
     vid_test_pairs: int
+    grounding: GroundingSize
 
 
 WORLD_SIZES = {
-    "small": WorldSize(40, 20, 20, 20, 20, 10, 4, 2, 3, 1, 1, 1, 8, 2, 4),
-    "default": WorldSize(5000, 300, 1000, 200, 300, 300, 150, 25, 50, 30, 3, 5, 360, 30, 80),
+    "small": WorldSize(40, 20, 20, 20, 20, 10, 4, 2, 3, 1, 1, 1, 8, 2, 4, GroundingSize(12, 4, 2, 1, 1)),
+    "default": WorldSize(
+        5000, 300, 1000, 200, 300, 300, 150, 25, 50, 30, 3, 5, 360, 30, 80, GroundingSize(1000, 100, 100, 15, 30)
+    ),
 }
 CAPTIONS_PER_ITEM = 5
 HELD_OUT_FRACTION = 0.5  # adaptation scenes whose first object is a held-out category-colour pair
@@ -89,13 +94,14 @@ def _csv_bytes(header: list[str], rows: list[list[Any]]) -> bytes:
 @dataclass
 class _Plan:
     seed: int
-    images: list[tuple[str, tuple[ObjectSpec, ...], str, int]] = field(default_factory=list)
+    # (relpath, objects, domain, render seed, backdrop or None for the plain background)
+    images: list[tuple[str, tuple[ObjectSpec, ...], str, int, Backdrop | None]] = field(default_factory=list)
     videos: list[tuple[str, VideoSpec, bool]] = field(default_factory=list)
     texts: dict[str, bytes] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
 
     def image(self, relpath: str, scene: SceneSpec, domain: str) -> str:
-        self.images.append((relpath, scene.objects, domain, item_seed(self.seed, "render", relpath)))
+        self.images.append((relpath, scene.objects, domain, item_seed(self.seed, "render", relpath), scene.backdrop))
         return relpath
 
 
@@ -162,7 +168,7 @@ def _plan_continual(p: _Plan, sz: WorldSize) -> None:
             cats = [c.name for c in V.CATEGORIES if c.supercategory == task]
             for i in range(n):
                 name, rng = f"cl_{split}_{task}_{i:04d}", _rng(p.seed, "cl", split, task, i)
-                scene = sample_scene(rng, categories=cats)
+                scene = sample_scene(rng, categories=cats, setting=scene_setting(rng, task))
                 caps = captions_for(scene, rng, CAPTIONS_PER_ITEM)
                 rel = p.image(L.image_relpath("clean", name), scene, "clean")
                 if split == "train":
@@ -259,6 +265,12 @@ def _plan_video(p: _Plan, sz: WorldSize) -> None:
     }  # fmt: skip
 
 
+def _plan_grounding(p: _Plan, sz: WorldSize) -> None:
+    docs, counts = plan_grounding(lambda *keys: _rng(p.seed, *keys), p.image, sz.grounding)
+    p.texts.update({rel: _json_bytes(doc) for rel, doc in docs.items()})
+    p.counts["grounding"] = counts
+
+
 def _rel(path: Path) -> str:
     return Path(path).as_posix().removeprefix("./")
 
@@ -275,9 +287,9 @@ def _render_chunk(job: tuple[str, list, list]) -> list[tuple[str, str]]:
 
     root, images, videos = Path(job[0]), job[1], job[2]
     out = []
-    for relpath, objects, domain, seed in images:
+    for relpath, objects, domain, seed, backdrop in images:
         buf = io.BytesIO()
-        Image.fromarray(render_objects(objects, domain, seed)).save(buf, format="PNG")
+        Image.fromarray(render_objects(objects, domain, seed, backdrop)).save(buf, format="PNG")
         data = buf.getvalue()
         path = root / relpath
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,6 +324,8 @@ def _render_all(root: Path, p: _Plan, workers: int) -> dict[str, str]:
 
 
 def _readme(seed: int, size: str, counts: dict) -> str:
+    settings = "; ".join(f"{V.SUPERCATEGORIES[s.supercategory - 1]}: {s.name}" for s in SETTINGS)
+    off = OFF_SETTING
     held = ", ".join(f"{col} {cat}" for cat, col in sorted(V.HELD_OUT_BASE, key=lambda t: V.CATEGORY_INDEX[t[0]]))
     cats = "; ".join(
         f"{i} {sc}: " + ", ".join(c.name for c in V.CATEGORIES if c.supercategory == i)
@@ -341,7 +355,14 @@ every other file. All image paths in annotation files are relative to this folde
   held-out pair). `train_<domain>.json` renders the first adaptation train scenes in that domain; test scenes
   are never used for training in any domain.
 - `continual/{{train,val,test}}.json`: scenes whose objects all come from one super-category; each record has
-  an integer `category` (1-6); `continual/tasks.json` gives the task order.
+  an integer `category` (1-6); `continual/tasks.json` gives the task order. Each super-category has its own
+  setting (backdrop, context objects, layout: {settings}); {off:.0%} of scenes use another one's.
+- `grounding/finetune_world*_{{train,val,test}}.json`: referring expressions in MDETR's `finetune_refcoco` format
+  (one image entry per expression, its target box, categories with the super-category names of
+  `continual/tasks.json`). `finetune_world-base_{{train,val}}.json`: plain background, every super-category, no
+  held-out pair; `finetune_world_{{train,val,test}}.json`: 2-4 objects of one super-category in its setting;
+  `finetune_world-<domain>_test.json`: the same test scenes in each shifted domain. Every expression is checked
+  to pick out exactly its target (attributes, the one furthest in a direction, or a relation to a unique landmark).
 - `classification/<domain>/<split>/<class>/*.png`: ImageFolder trees; 96 fine classes (category x
   {"/".join(V.CLASS_COLOURS)}), train/val clean only, test in every domain (same scenes);
   `classes.json` (class dirs, names, coarse 24-category label, prompt templates) and `cil_tasks.json`
@@ -371,6 +392,7 @@ def _meta(seed: int, size: str, counts: dict) -> dict:
         "sizes": list(V.SIZES),
         "fills": list(V.FILLS),
         "held_out_base": [[cat, col] for cat, col in sorted(V.HELD_OUT_BASE)],
+        "settings": {str(s.supercategory): s.name for s in SETTINGS},
         "image_size": 64,
         "counts": counts,
     }
@@ -386,6 +408,7 @@ def plan_world(seed: int = 0, size: str = "default") -> _Plan:
     _plan_continual(p, sz)
     _plan_classification(p, sz)
     _plan_video(p, sz)
+    _plan_grounding(p, sz)
     p.texts[L.README] = _readme(seed, size, p.counts).encode("utf-8")
     p.texts[L.WORLD_META] = _json_bytes(_meta(seed, size, p.counts))
     return p

@@ -129,6 +129,37 @@ def reversed_pairs_file(root: PathLike) -> Path:
     return video_root(root) / "reversed_pairs.json"
 
 
+GROUNDING_DATASET = "world"  # MDETR's dataset_name, and the <dataset> of the file names
+
+
+def grounding_file(root: PathLike, split: str, domain: str = "clean") -> Path:
+    """MDETR ``finetune_<dataset>_<split>.json`` files of the grounding part, under grounding/.
+
+    ``train``/``val``/``test`` (clean, the continual sequence): ``finetune_world_<split>.json``; ``test`` in a
+    shifted domain: ``finetune_world-<domain>_test.json``; ``base_train``/``base_val`` (the plain-background
+    pretraining part): ``finetune_world-base_{train,val}.json``.
+    """
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
+    if split in ("base_train", "base_val"):
+        if domain != "clean":
+            raise ValueError("the grounding base part is clean only")
+        return Path(root) / "grounding" / f"finetune_{GROUNDING_DATASET}-base_{split[5:]}.json"
+    if split not in SPLITS:
+        raise ValueError(f"unknown grounding split {split!r}; expected base_train, base_val or one of {SPLITS}")
+    if domain != "clean" and split != "test":
+        raise ValueError(f"shifted domains have a grounding test split only, not {split!r}")
+    dataset = GROUNDING_DATASET if domain == "clean" else f"{GROUNDING_DATASET}-{domain}"
+    return Path(root) / "grounding" / f"finetune_{dataset}_{split}.json"
+
+
+def grounding_files(root: PathLike) -> dict[str, Path]:
+    """Every grounding file by key: base_train, base_val, train, val, test and test_<domain> per shifted domain."""
+    out = {k: grounding_file(root, k) for k in ("base_train", "base_val", "train", "val", "test")}
+    out.update({f"test_{d}": grounding_file(root, "test", d) for d in SHIFTED_DOMAINS})
+    return out
+
+
 def manifest_file(root: PathLike) -> Path:
     """manifest.json: format, version, seed, size and the sha256 of every other file."""
     return Path(root) / MANIFEST

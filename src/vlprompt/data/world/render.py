@@ -4,7 +4,9 @@ Objects are drawn at ``SS``x supersampling and box-filtered down to 64x64, which
 Each domain is a deterministic function of (objects, seed): ``clean`` is the base style; ``sketch`` draws
 jittered pencil strokes (outline plus hatching that keeps the fill readable) in a greyed version of the colour,
 so colour words stay (weakly) true; ``noisy``, ``blurred`` and ``low_contrast`` corrupt the clean render, and
-``textured`` draws the clean objects over a random textured background.
+``textured`` draws the clean objects over a random textured background. A scene's backdrop (its setting, see
+``settings.py``) replaces the plain background in the clean style and under the corruptions; ``sketch`` and
+``textured`` replace it like they replace the plain one.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from vlprompt.data.world import vocabulary as V
 from vlprompt.data.world.layout import DOMAINS
 from vlprompt.data.world.scenes import CANVAS, ObjectSpec, SceneSpec
+from vlprompt.data.world.settings import SS as _SETTINGS_SS
+from vlprompt.data.world.settings import Backdrop, paint_backdrop
 
 SS = 4  # supersampling factor
+assert SS == _SETTINGS_SS, "settings.py paints backdrops at the same supersampling"
 BIG = CANVAS * SS
 BACKGROUND = np.array((245, 245, 242), dtype=np.uint8)
 PAPER = np.array((238.0, 235.0, 226.0), dtype=np.float32)
@@ -148,6 +153,19 @@ def _placed(obj: ObjectSpec) -> tuple[np.ndarray, slice, slice] | None:
     return m[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0], slice(cy0, cy1), slice(cx0, cx1)
 
 
+def object_box(obj: ObjectSpec) -> tuple[float, float, float, float]:
+    """The tight box ``(x, y, w, h)`` of the object's drawn pixels on the 64-px canvas (COCO's bbox convention),
+    from the same mask and placement that :func:`render_objects` paints (clipped to the canvas)."""
+    placed = _placed(obj)
+    if placed is None or not placed[0].any():
+        raise ValueError(f"object {obj} is not on the canvas")
+    m, ys, xs = placed
+    rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
+    x0, x1 = (xs.start + cols[0]) / SS, (xs.start + cols[-1] + 1) / SS
+    y0, y1 = (ys.start + rows[0]) / SS, (ys.start + rows[-1] + 1) / SS
+    return (x0, y0, x1 - x0, y1 - y0)
+
+
 def _pattern(fill: str, ys: slice, xs: slice, sketch: bool = False) -> np.ndarray:
     yy, xx = _YY[ys, xs], _XX[ys, xs]
     if fill == "striped":
@@ -240,8 +258,10 @@ def _downsample(canvas: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(canvas).reduce(SS))
 
 
-def render_objects(objects: Sequence[ObjectSpec], domain: str = "clean", seed: int = 0) -> np.ndarray:
-    """Render objects (drawn in order) in a domain; returns a 64x64x3 uint8 array."""
+def render_objects(
+    objects: Sequence[ObjectSpec], domain: str = "clean", seed: int = 0, backdrop: Backdrop | None = None
+) -> np.ndarray:
+    """Render objects (drawn in order) in a domain, on a backdrop or the plain background; 64x64x3 uint8."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
     rng = np.random.default_rng(seed)
@@ -251,7 +271,12 @@ def render_objects(objects: Sequence[ObjectSpec], domain: str = "clean", seed: i
             _paint_sketch(canvas, obj, rng)
         small = _downsample(np.rint(canvas).astype(np.uint8)) + rng.normal(0.0, 3.0, size=(CANVAS, CANVAS, 1))
         return np.clip(np.rint(small), 0, 255).astype(np.uint8)
-    canvas = _muted(_texture(rng)) if domain == "textured" else np.broadcast_to(BACKGROUND, (BIG, BIG, 3)).copy()
+    if domain == "textured":
+        canvas = _muted(_texture(rng))
+    elif backdrop is not None:
+        canvas = paint_backdrop(backdrop)
+    else:
+        canvas = np.broadcast_to(BACKGROUND, (BIG, BIG, 3)).copy()
     for obj in objects:
         _paint_clean(canvas, obj)
     out = _downsample(canvas)
@@ -267,4 +292,4 @@ def render_objects(objects: Sequence[ObjectSpec], domain: str = "clean", seed: i
 
 def render_scene(scene: SceneSpec, domain: str = "clean", seed: int = 0) -> np.ndarray:
     """Render a scene spec in a domain (64x64x3 uint8); the seed drives only the domain's randomness."""
-    return render_objects(scene.objects, domain, seed)
+    return render_objects(scene.objects, domain, seed, scene.backdrop)

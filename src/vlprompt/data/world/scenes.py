@@ -1,10 +1,13 @@
 """Scene specs (what is in a static image), their seeded sampling, and the captions that describe them.
 
 A scene is one of three kinds: a ``single`` object at a named grid position, a ``group`` of 2-3 identical
-objects, or a ``pair`` of two different objects in a spatial relation. Coordinates are in pixels of the
+objects, or a ``pair`` of two different objects in a spatial relation (the grounding part's scenes of 2-4 objects,
+kind ``grounding``, come from ``refexp.py``). Coordinates are in pixels of the
 64x64 canvas; every object keeps ``MARGIN`` pixels from the border so crops down to ~52 px keep it whole.
 Captions always name the colour and category of every object (so they are truthful and discriminative);
-size, fill and position are mentioned in most but not all varied captions, like real captions.
+size, fill and position are mentioned in most but not all varied captions, like real captions. A scene sampled
+with a :class:`~vlprompt.data.world.settings.Setting` follows its layout and carries its backdrop (the continual
+sequence's scenes); without one it sits on the plain background (the base and every other part).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from vlprompt.data.world import vocabulary as V
+from vlprompt.data.world.settings import Backdrop, Layout, Setting
 
 CANVAS = 64
 MARGIN = 6.0
@@ -44,12 +48,14 @@ class ObjectSpec:
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """A static scene. ``position`` is set for single objects, ``relation`` (objects[0] REL objects[1]) for pairs."""
+    """A static scene. ``position`` is set for single objects, ``relation`` (objects[0] REL objects[1]) for pairs;
+    ``backdrop`` is None for the plain background."""
 
     kind: str
     objects: tuple[ObjectSpec, ...]
     position: str | None = None
     relation: str | None = None
+    backdrop: Backdrop | None = None
 
     @property
     def count(self) -> int:
@@ -92,21 +98,28 @@ def sample_scene(
     colours_for: ColourRule = all_colours,
     first: tuple[str, str] | None = None,
     kind: str | None = None,
+    setting: Setting | None = None,
 ) -> SceneSpec:
-    """Sample a scene; ``first`` forces the (category, colour) of the first object."""
+    """Sample a scene; ``first`` forces the (category, colour) of the first object; ``setting`` places the objects
+    by its layout and gives the scene its backdrop (without one the draws are exactly those of the plain world)."""
     categories = categories or [c.name for c in V.CATEGORIES]
     kind = kind or rng.choices(KINDS, KIND_WEIGHTS)[0]
     cat, col = _pick_pair(rng, categories, colours_for, first)
+    layout = setting.layout if setting is not None else None
     if kind == "single":
-        return _place_single(rng, _object(rng, cat, col, "single"))
-    if kind == "group":
-        return _place_group(rng, _object(rng, cat, col, "group"), rng.choice((2, 3)))
-    a = _object(rng, cat, col, "pair")
-    while True:
-        cat_b, col_b = _pick_pair(rng, categories, colours_for, None)
-        if (cat_b, col_b) != (cat, col):
-            break
-    return _place_pair(rng, a, _object(rng, cat_b, col_b, "pair"), rng.choice(V.RELATIONS))
+        scene = _place_single(rng, _object(rng, cat, col, "single"), layout)
+    elif kind == "group":
+        scene = _place_group(rng, _object(rng, cat, col, "group"), rng.choice((2, 3)), layout)
+    else:
+        a = _object(rng, cat, col, "pair")
+        while True:
+            cat_b, col_b = _pick_pair(rng, categories, colours_for, None)
+            if (cat_b, col_b) != (cat, col):
+                break
+        scene = _place_pair(rng, a, _object(rng, cat_b, col_b, "pair"), rng.choice(V.RELATIONS), layout)
+    if setting is None:
+        return scene
+    return replace(scene, backdrop=Backdrop(setting.name, rng.getrandbits(63)))
 
 
 def sample_class_scene(rng: random.Random, category: str, colour: str) -> SceneSpec:
@@ -114,17 +127,27 @@ def sample_class_scene(rng: random.Random, category: str, colour: str) -> SceneS
     return _place_single(rng, _object(rng, category, colour, "single"))
 
 
-def _place_single(rng: random.Random, obj: ObjectSpec) -> SceneSpec:
-    row, col = rng.randrange(3), rng.randrange(3)
+def band_range(lo: float, hi: float, layout: Layout | None) -> tuple[float, float]:
+    """The part of ``[lo, hi]`` (a free range of centre coordinates) that a layout's vertical band allows."""
+    if layout is None:
+        return lo, hi
+    return lo + layout.band[0] * (hi - lo), lo + layout.band[1] * (hi - lo)
+
+
+def _place_single(rng: random.Random, obj: ObjectSpec, layout: Layout | None = None) -> SceneSpec:
+    # randrange keeps the plain world's draws; a layout weights the rows instead
+    row = rng.randrange(3) if layout is None else rng.choices(range(3), layout.rows)[0]
+    col = rng.randrange(3)
     obj = replace(obj, x=_jitter(rng, GRID[col], 1.5), y=_jitter(rng, GRID[row], 1.5))
     return SceneSpec("single", (obj,), position=V.POSITION_NAMES[(row, col)])
 
 
-def _place_group(rng: random.Random, obj: ObjectSpec, count: int) -> SceneSpec:
+def _place_group(rng: random.Random, obj: ObjectSpec, count: int, layout: Layout | None = None) -> SceneSpec:
     lo, hi = MARGIN + obj.extent / 2, CANVAS - MARGIN - obj.extent / 2
+    ylo, yhi = band_range(lo, hi, layout)
     centres: list[tuple[float, float]] = []
     for _ in range(500):
-        p = (round(rng.uniform(lo, hi), 2), round(rng.uniform(lo, hi), 2))
+        p = (round(rng.uniform(lo, hi), 2), round(rng.uniform(ylo, yhi), 2))
         if all((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 >= (obj.extent + 3) ** 2 for q in centres):
             centres.append(p)
             if len(centres) == count:
@@ -134,7 +157,9 @@ def _place_group(rng: random.Random, obj: ObjectSpec, count: int) -> SceneSpec:
     return SceneSpec("group", tuple(replace(obj, x=x, y=y) for x, y in centres))
 
 
-def _place_pair(rng: random.Random, a: ObjectSpec, b: ObjectSpec, relation: str) -> SceneSpec:
+def _place_pair(
+    rng: random.Random, a: ObjectSpec, b: ObjectSpec, relation: str, layout: Layout | None = None
+) -> SceneSpec:
     # Lay out along x for left/right (along y for above/below, then swap axes): first/second = lower/higher coord.
     first, second = (a, b) if relation in ("left of", "above") else (b, a)
     gap = (first.extent + second.extent) / 2 + 4
@@ -144,7 +169,9 @@ def _place_pair(rng: random.Random, a: ObjectSpec, b: ObjectSpec, relation: str)
         if v - u >= gap:
             break
     big = max(a.extent, b.extent)
-    w0 = rng.uniform(MARGIN + big / 2 + 2, CANVAS - MARGIN - big / 2 - 2)
+    # a layout's band applies to the cross axis of left/right pairs (above/below pairs need the whole height)
+    w_lo, w_hi = MARGIN + big / 2 + 2, CANVAS - MARGIN - big / 2 - 2
+    w0 = rng.uniform(*(band_range(w_lo, w_hi, layout) if relation in ("left of", "right of") else (w_lo, w_hi)))
     w1, w2 = round(w0 + rng.uniform(-2, 2), 2), round(w0 + rng.uniform(-2, 2), 2)
     u, v = round(u, 2), round(v, 2)
     if relation in ("left of", "right of"):

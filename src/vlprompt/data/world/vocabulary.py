@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WORLD_VERSION = 1
+WORLD_VERSION = 2  # 2: per-super-category settings in the continual part, the grounding part
 
 
 @dataclass(frozen=True)
