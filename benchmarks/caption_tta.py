@@ -11,7 +11,9 @@ behind its own copy of the prefix, logits at every position (the loss reads the 
 the mapper once more and a beam-5 search, then the mapper
 reloaded from a saved state dict and the optimizer from its saved state. **Ours** (``rlcf_caption`` with
 ``runners.tta``): the mapper once per step (its prefix shared by the beam search and the teacher-forced pass), the K
-captions read after one shared prefix (its keys and values computed once), restore in place. The reward's image
+captions read after one shared prefix (its keys and values computed once), the beam search of
+``backbone/beam_search.py`` (transformers' ``generate``'s rules and results, the prefix read once per image; the
+reference structure runs ``generate`` itself), restore in place. The reward's image
 features are computed once per image in both. Weights are random; ``--lm`` picks the language model
 (``random:opt`` is OPT-125m's shape; the default is a 2-layer OPT of width 64 on open_clip's BPE vocabulary).
 """
@@ -119,7 +121,8 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    # the reference's structure
+    # the reference's structure (its beam search: transformers' generate)
+    method.captioner.beam_impl = "transformers"
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=1e-6, weight_decay=0.0)
     saved_mapper, saved_opt = (
         copy.deepcopy(method.captioner.mapper.state_dict()),
@@ -133,6 +136,7 @@ def main() -> None:
     ref_s = (time.perf_counter() - start) / len(images)
 
     # ours
+    method.captioner.beam_impl = "vlprompt"
     optimizer = torch.optim.AdamW(params, lr=args.lr, eps=1e-6, weight_decay=0.0)
     state = EpisodicState(params, optimizer)
     ep = method.begin(images[0])

@@ -25,7 +25,7 @@ caption, so training, decoding and test-time adaptation all see ``[prefix ; BOS 
 from __future__ import annotations
 
 import functools
-import inspect
+import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,9 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vlprompt.backbone.beam_search import beam_search, cache_keyword, generation_overrides
+from vlprompt.backbone.embedded_captioner import is_world_lm, load_world_lm, world_lm_vocabulary
 from vlprompt.backbone.loading import hub_offline_reason
 from vlprompt.errors import ConfigError, WeightsUnavailableError
 from vlprompt.safe_pickle import load_torch_tensors
+
+log = logging.getLogger("vlprompt.backbone")
 
 #: Prefix of an ``lm`` source that builds a randomly initialised LM from ``transformers``' default config of that
 #: model type (``random:opt`` is OPT-125m's shape, ``random:gpt2`` GPT-2 small's): benchmarks and tests, no files.
@@ -262,16 +266,41 @@ class CaptionTokenizer:
         )  # fmt: skip
 
     @classmethod
-    def clip_bpe(cls) -> CaptionTokenizer:
-        """open_clip's bundled BPE (lower-cased, whitespace dropped): BOS/eos = CLIP's start/end-of-text."""
+    def clip_bpe(cls, vocabulary: Sequence[int] | None = None) -> CaptionTokenizer:
+        """open_clip's bundled BPE (lower-cased, whitespace dropped): BOS/eos = CLIP's start/end-of-text.
+
+        ``vocabulary`` (an LM with a compact token table, :mod:`~vlprompt.backbone.embedded_captioner`): the BPE id
+        of each LM row; ids are mapped to rows and back, the pad is eos, and a BPE token without a row (only text
+        the LM did not write can hold one) is dropped from the encoding with one warning."""
         from open_clip.tokenizer import SimpleTokenizer
 
         bpe = SimpleTokenizer()
         special = {bpe.sot_token_id, bpe.eot_token_id}
+        if vocabulary is None:
+            return cls(
+                lambda texts: [bpe.encode(t) for t in texts],
+                lambda ids: bpe.decode([i for i in ids if i not in special]),  # as skip_special_tokens does
+                bpe.sot_token_id, bpe.eot_token_id, 0, len(bpe.encoder), "open_clip-bpe",
+            )  # fmt: skip
+        to_bpe = list(vocabulary)
+        to_row = {b: r for r, b in enumerate(to_bpe)}
+        if bpe.sot_token_id not in to_row or bpe.eot_token_id not in to_row:
+            raise ConfigError("a compact BPE vocabulary must hold CLIP's start- and end-of-text tokens")
+        dropped: set[int] = set()
+
+        def encode(texts: list[str]) -> list[list[int]]:
+            out = [[to_row.get(i, -1) for i in bpe.encode(t)] for t in texts]
+            if any(-1 in row for row in out) and not dropped:
+                dropped.update(i for t in texts for i in bpe.encode(t) if i not in to_row)
+                words = ", ".join(repr(bpe.decoder[i]) for i in sorted(dropped)[:5])
+                log.warning("the captioner's LM has no row for BPE tokens %s; they are left out of its input", words)
+            return [[r for r in row if r >= 0] for row in out]
+
+        eos = to_row[bpe.eot_token_id]
         return cls(
-            lambda texts: [bpe.encode(t) for t in texts],
-            lambda ids: bpe.decode([i for i in ids if i not in special]),  # as skip_special_tokens does
-            bpe.sot_token_id, bpe.eot_token_id, 0, len(bpe.encoder), "open_clip-bpe",
+            encode,
+            lambda ids: bpe.decode([to_bpe[i] for i in ids if to_bpe[i] not in special]),
+            to_row[bpe.sot_token_id], eos, eos, len(to_bpe), f"open_clip-bpe[{len(to_bpe)}]",
         )  # fmt: skip
 
 
@@ -281,7 +310,10 @@ def _local_only(source: str) -> bool:
 
 
 def load_tokenizer(source: str, kind: str = "auto") -> CaptionTokenizer:
-    """``kind``: ``lm`` (``AutoTokenizer`` from ``source``), ``clip-bpe``, or ``auto`` (clip-bpe for ``random:``)."""
+    """``kind``: ``lm`` (``AutoTokenizer`` from ``source``), ``clip-bpe``, or ``auto`` (clip-bpe for ``random:``);
+    the embedded world LM always reads open_clip's BPE through its compact vocabulary."""
+    if is_world_lm(source):
+        return CaptionTokenizer.clip_bpe(world_lm_vocabulary(source))
     if kind == "clip-bpe" or (kind == "auto" and source.startswith(RANDOM_LM)):
         return CaptionTokenizer.clip_bpe()
     if kind not in ("auto", "lm"):
@@ -299,9 +331,11 @@ def load_tokenizer(source: str, kind: str = "auto") -> CaptionTokenizer:
 # ---- language model ----------------------------------------------------------------------------------------------
 def load_causal_lm(source: Any, dtype: torch.dtype | None = None) -> nn.Module:
     """A ``transformers`` causal LM from a folder / Hub id (the local cache only when offline), ``random:TYPE``,
-    a config object (random init) or an already built model."""
+    a config object (random init), an already built model, or the embedded world LM (``vlprompt-world-lm``)."""
     if isinstance(source, nn.Module):
         return source
+    if is_world_lm(source):
+        return load_world_lm(source, dtype)[0]
     transformers = _transformers()
     if not isinstance(source, str | Path):  # a PretrainedConfig
         return transformers.AutoModelForCausalLM.from_config(source, dtype=dtype)
@@ -324,6 +358,10 @@ def load_causal_lm(source: Any, dtype: torch.dtype | None = None) -> nn.Module:
 class Captioner(nn.Module):
     """A trainable mapper in front of a frozen causal LM; the LM stays in eval mode and never gets a gradient."""
 
+    #: Beam search implementation: ``"vlprompt"`` (:mod:`vlprompt.backbone.beam_search`, ``generate``'s ids, faster)
+    #: or ``"transformers"`` (``lm.generate``); set on the class or on one captioner.
+    beam_impl: str = "vlprompt"
+
     def __init__(self, mapper: nn.Module, lm: nn.Module, tokenizer: CaptionTokenizer, normalize_input: bool = True):
         super().__init__()
         self.mapper = mapper
@@ -337,7 +375,7 @@ class Captioner(nn.Module):
     @functools.cached_property
     def _cache_arg(self) -> str:
         """The LM's keyword for a key/value cache (``cache`` from transformers 5.25 on, ``past_key_values`` before)."""
-        return "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
+        return cache_keyword(self.lm)
 
     @property
     def embed_dim(self) -> int:
@@ -407,10 +445,20 @@ class Captioner(nn.Module):
         length_penalty: float = 1.0,
     ) -> Tensor:
         """Token ids ``[B * num_return, <= max_new_tokens]`` (best first per image, eos then pads ending each) of
-        beam search from ``[prefix ; BOS]``: no sampling, no repetition penalty (the spec's settings)."""
-        transformers = _transformers()
+        beam search from ``[prefix ; BOS]``: no sampling, no repetition penalty (the spec's settings).
+
+        :attr:`beam_impl` ``"vlprompt"`` runs :func:`~vlprompt.backbone.beam_search.beam_search` (``generate``'s ids,
+        the prefix read once per image); ``"transformers"`` calls ``generate``, as does an LM whose own generation
+        config adds a logits processor (:func:`~vlprompt.backbone.beam_search.generation_overrides`)."""
         tok = self.tokenizer
         prefix = prefix.detach()
+        if self.beam_impl not in ("vlprompt", "transformers"):
+            raise ConfigError(f"Captioner.beam_impl must be 'vlprompt' or 'transformers', got {self.beam_impl!r}")
+        if self.beam_impl == "vlprompt" and not generation_overrides(self.lm):
+            lead = None if tok.bos_id is None else torch.full((prefix.shape[0], 1), tok.bos_id, device=prefix.device)
+            return beam_search(self.lm, prefix, lead, num_beams, num_return, max_new_tokens, length_penalty,
+                               tok.eos_id, tok.pad_id)  # fmt: skip
+        transformers = _transformers()
         lead = self._lead(prefix.shape[0], prefix.device)
         embeds = prefix if lead is None else torch.cat([prefix, lead.to(prefix.dtype)], dim=1)
         config = transformers.GenerationConfig(
