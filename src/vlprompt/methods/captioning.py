@@ -35,6 +35,7 @@ from vlprompt.backbone.captioner import (
     load_mapper_checkpoint,
     mapper_state_from_reference,
 )
+from vlprompt.backbone.embedded_captioner import load_mapper_weights
 from vlprompt.errors import ConfigError
 from vlprompt.methods.base import Method, register_method
 from vlprompt.options import choice, count, nonneg
@@ -139,6 +140,9 @@ class CaptionerOptions:
     max_new_tokens: int = count(50)
     final_beams: int = count(5)  # beams of the final caption
     reference_checkpoint: str = ""  # a ClipCap / CapDec / RLCF mapper .pt to start from
+    # a mapper saved by vlprompt to start from: a shipped world mapper (vlprompt-world-clipcap, vlprompt-world-capdec)
+    # or such a .safetensors file (vlprompt.backbone.embedded_captioner)
+    mapper_weights: str = ""
     # the evaluation CLIP of CLIPScore / RefCLIPScore (runners.caption); "" = the policy CLIP itself
     clipscore_model: str = ""  # Hessel et al. and RLCF's Table 3: ViT-B-32, openai
     clipscore_pretrained: str = ""
@@ -178,6 +182,22 @@ class CaptionerMethod(Method):
                 f"the captioner's prefix has {captioner.prefix_length} tokens, options say {o.prefix_length}"
             )
         self.captioner = captioner
+        if o.mapper_weights:
+            self.load_mapper_weights(o.mapper_weights)
+
+    def load_mapper_weights(self, source: str) -> None:
+        """Load a mapper saved by vlprompt (a shipped world mapper's name or its file), shapes checked."""
+        state, shape = load_mapper_weights(source)
+        mapper = self.captioner.mapper
+        reference = next(mapper.parameters())
+        try:
+            mapper.load_state_dict({k: v.to(reference.dtype) for k, v in state.items()}, strict=True)
+        except RuntimeError as err:
+            raise ConfigError(
+                f"mapper weights {source!r} were saved from a mapper of shape {shape}; they do not fit this "
+                f"captioner's options (method.mapper, prefix_length, clip_length, mapper_layers, mapper_heads, the "
+                f"backbone's embedding width): {str(err).splitlines()[0]}"
+            ) from None
 
     def encode_text(self, texts: Sequence[str] | Tensor, plans: Any = None) -> Tensor:
         """L2-normalised CLIP text embeddings (CLIP's tokenizer, whatever ``tokenize`` returns here)."""
@@ -241,9 +261,14 @@ class Captioning(CaptionerMethod):
                 emb = self.encode_text(tokens["clip_tokens"])
         else:
             emb = self.clip_embedding(visual)
+        return self.embedding_loss(emb, tokens["forcing"])
+
+    def embedding_loss(self, emb: Tensor, forcing: TeacherForcing) -> Tensor:
+        """The training loss from the frozen CLIP's embeddings ``[N, D]`` of the batch (CapDec's noise added here):
+        what :meth:`forward` computes after encoding, for recipes that encode once and reuse the embeddings."""
         if self.options.noise_variance > 0:  # CapDec's, on whichever embedding trains
             emb = noisy_embedding(emb, self.options.noise_variance, self.generator)
-        return caption_losses(self.captioner, self.captioner.prefix(emb), tokens["forcing"]).mean()
+        return caption_losses(self.captioner, self.captioner.prefix(emb), forcing).mean()
 
 
 @register_method("capdec")
