@@ -158,7 +158,8 @@ class GroundingConfig:
     split_by: str = ""  # refer layout: refs(<split_by>).p ("" = the dataset's usual one: unc, umd)
     min_side: float = nonneg(1.0)  # training leaves out targets with a side <= this many pixels (GLIP, LPI)
     # an OWL-ViT / OWLv2 checkpoint in the transformers format (folder, or Hub id in the local cache): its towers
-    # and heads replace backbone.* ("" = backbone.* with new heads)
+    # and heads replace backbone.* ("" = backbone.* with new heads; "world" = the world's pretrained detector,
+    # heads and fine-tuned towers, on backbone vlprompt-tiny / world)
     detector: str = ""
 
 

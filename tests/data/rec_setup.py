@@ -56,4 +56,5 @@ def rec_overrides(root: Path, out: Path, name: str) -> list[str]:
     return [f"data.root={root}", "data.format=mdetr-refexp", "data.train=ann/finetune_toy_train.json",
             "data.test=ann/finetune_toy_test.json", "grounding.images=images", "grounding.dataset=toy",
             "continual.tasks=tasks.json", "continual.eval_split=test", f"out_dir={out}", f"run_name={name}",
-            "backbone.name=vlprompt-tiny", "backbone.pretrained=null", "device=cpu"]  # fmt: skip
+            "backbone.name=vlprompt-tiny", "backbone.pretrained=null", "grounding.detector=",
+            "device=cpu"]  # fmt: skip

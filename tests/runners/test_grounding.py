@@ -176,7 +176,7 @@ def test_refcoco_recipes_carry_spec_4_grounding_hyperparameters(dataset: str):
 def test_the_world_recipe_runs_on_the_worlds_grounding_part(small_world: Path, tmp_path: Path):
     cfg = load_config(REPO / "configs" / "world" / "grounding_lpi.yaml",
                       [f"data.root={small_world}", f"out_dir={tmp_path}", "backbone.pretrained=null",
-                       "continual.max_tasks=2", "train.max_steps=2"])  # fmt: skip
+                       "grounding.detector=", "continual.max_tasks=2", "train.max_steps=2"])  # fmt: skip
     results = run_continual_grounding(cfg, progress=False)
     assert _seen(results["matrices"]["rec/P@1"]) == [1, 2]
     for s in results["sessions"]:  # one epoch of batches of 16, at most train.max_steps

@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="every section and every row (all domains, all variants), not just the headline")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--sections", default=None,
-                   help="comma-separated sections: retrieval, video, continual, cil, tta, rvlr "
+                   help="comma-separated sections: retrieval, video, continual, cil, tta, rvlr, caption, grounding "
                         "(default: the headline sections; with --full: all)")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="key=value overrides applied to every recipe (e.g. train.epochs=1)")
     p.set_defaults(func=run)

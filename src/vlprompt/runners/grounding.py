@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from vlprompt.backbone.owlvit import load_owlvit
+from vlprompt.backbone.world_detector import WORLD_DETECTOR_TAG, load_world_detector
 from vlprompt.config import Config
 from vlprompt.core.evaluate import autocast_context
 from vlprompt.core.factory import resolve_device, seed_everything
@@ -73,11 +74,15 @@ def is_grounding(cfg: Config) -> bool:
 
 
 def build_grounding_model(cfg: Config, num_tasks: int, device: torch.device) -> GroundingMethod:
-    """The config's grounding method: on ``backbone.*`` with new heads, or on the OWL-ViT / OWLv2 checkpoint
-    ``grounding.detector`` (towers and heads; only the local files or cache are read, a missing one is a
-    :class:`~vlprompt.errors.WeightsUnavailableError` saying how to get it)."""
-    if not cfg.grounding.detector:
-        return build_continual_model(cfg, num_tasks, device)  # type: ignore[return-value]
+    """The config's grounding method: on ``backbone.*`` with new heads, on the world's pretrained detector
+    (``grounding.detector: world``: heads and towers, :mod:`vlprompt.backbone.world_detector`), or on the OWL-ViT /
+    OWLv2 checkpoint ``grounding.detector`` (towers and heads; only the local files or cache are read, a missing one
+    is a :class:`~vlprompt.errors.WeightsUnavailableError` saying how to get it)."""
+    if not cfg.grounding.detector or cfg.grounding.detector == WORLD_DETECTOR_TAG:
+        method = build_continual_model(cfg, num_tasks, device)
+        if cfg.grounding.detector:
+            load_world_detector(method.detector, WORLD_DETECTOR_TAG, (cfg.backbone.name, cfg.backbone.pretrained))
+        return method  # type: ignore[return-value]
     section = dict(cfg.method)
     if "num_tasks" in option_names(section.get("name", "")) and not section.get("num_tasks"):
         section["num_tasks"] = num_tasks
