@@ -15,7 +15,9 @@ captions read after one shared prefix (its keys and values computed once), the b
 ``backbone/beam_search.py`` (transformers' ``generate``'s rules and results, the prefix read once per image; the
 reference structure runs ``generate`` itself), restore in place. The reward's image
 features are computed once per image in both. Weights are random; ``--lm`` picks the language model
-(``random:opt`` is OPT-125m's shape; the default is a 2-layer OPT of width 64 on open_clip's BPE vocabulary).
+(``random:opt`` is OPT-125m's shape; the default is a 2-layer OPT of width 64 on open_clip's BPE vocabulary;
+``world`` is the embedded world's shipped captioner: the world tiny CLIP, its ClipCap mapper and compact-vocabulary
+LM, the world small CLIP as reward, with trained weights).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from common import emit, environment
 
 import vlprompt
 from vlprompt.backbone.captioner import Captioner, CaptionTokenizer, MapperConfig, build_mapper, load_causal_lm
+from vlprompt.methods import build_method
 from vlprompt.methods.captioning import teacher_forcing
 from vlprompt.methods.rlcf import RewardCLIP
 from vlprompt.methods.rlcf_caption import RLCFCaption, RLCFCaptionOptions
@@ -45,7 +48,21 @@ def tiny_opt(vocab: int):
     return OPTForCausalLM(cfg)
 
 
+def build_world_policy(args: argparse.Namespace, device: torch.device) -> RLCFCaption:
+    """The embedded world's shipped ClipCap captioner on the world tiny CLIP, rewarded by the world small CLIP (the
+    demo's ``caption`` section and ``configs/world/rlcf_caption_clipcap.yaml``)."""
+    clip = vlprompt.load_backbone("vlprompt-tiny", pretrained="world", device=device)
+    section = {"name": "rlcf_caption", "lm": "vlprompt-world-lm", "mapper_weights": "vlprompt-world-clipcap",
+               "prefix_length": 8, "clip_length": 8, "mapper_layers": 2, "mapper_heads": 4,
+               "max_new_tokens": args.max_new_tokens, "sample_k": args.k}  # fmt: skip
+    method = build_method(section, clip).to(device)
+    method.attach_reward(RewardCLIP([vlprompt.load_backbone("vlprompt-small", pretrained="world", device=device)]))
+    return method
+
+
 def build_policy(args: argparse.Namespace, device: torch.device) -> RLCFCaption:
+    if args.lm == "world":
+        return build_world_policy(args, device)
     torch.manual_seed(0)
     clip = vlprompt.load_backbone(args.policy, pretrained=None, device=device)
     tokenizer = CaptionTokenizer.clip_bpe()
@@ -100,7 +117,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--policy", default="vlprompt-tiny")
     p.add_argument("--reward", default="vlprompt-tiny")
-    p.add_argument("--lm", default="tiny", help="tiny | random:opt | random:gpt2 | a local folder")
+    p.add_argument(
+        "--lm", default="tiny", help="tiny | world (the shipped captioner) | random:opt | random:gpt2 | a folder"
+    )
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--k", type=int, default=10)
