@@ -13,7 +13,9 @@ reloaded from a saved state dict and the optimizer from its saved state. **Ours*
 ``runners.tta``): the mapper once per step (its prefix shared by the beam search and the teacher-forced pass), the K
 captions read after one shared prefix (its keys and values computed once), the beam search of
 ``backbone/beam_search.py`` (transformers' ``generate``'s rules and results, the prefix read once per image; the
-reference structure runs ``generate`` itself), restore in place. The reward's image
+reference structure runs ``generate`` itself), each distinct caption's reward text features computed once per image
+and read up to its end-of-text (the reference encodes the K captions again at every step, on the full context),
+restore in place. The reward's image
 features are computed once per image in both. Weights are random; ``--lm`` picks the language model
 (``random:opt`` is OPT-125m's shape; the default is a 2-layer OPT of width 64 on open_clip's BPE vocabulary;
 ``world`` is the embedded world's shipped captioner: the world tiny CLIP, its ClipCap mapper and compact-vocabulary
@@ -93,7 +95,11 @@ def reference_image(method: RLCFCaption, image: torch.Tensor, steps: int, optimi
         with torch.no_grad():
             captions = cap.generate(cap.prefix(embedding), o.sample_k, o.sample_k, o.max_new_tokens)[0]
             index = torch.arange(len(captions)).unsqueeze(0)
-            scores = method.reward.score(reward_image, method.reward.text_features(captions), index)
+            texts = [  # the reference's CLIP encodes its full 77-token context
+                torch.nn.functional.normalize(m.model.encode_text(m.tokenizer(captions).to(m.device)).float(), dim=-1)
+                for m in method.reward.models
+            ]
+            scores = method.reward.score(reward_image, texts, index)
             rewards = (scores - scores.mean(dim=-1, keepdim=True))[0]
         forcing = teacher_forcing(cap.tokenizer, captions).to(image.device)
         prefix = cap.prefix(embedding.repeat(len(captions), 1))  # the mapper on K copies

@@ -207,3 +207,21 @@ def test_reward_images_are_renormalised_and_resized_for_each_reward_model() -> N
     assert seen.shape == (2, 3, 48, 48)
     expected = torch.nn.functional.interpolate((pixels - 0.5) / 0.25, size=48, mode="bicubic", align_corners=True)
     assert torch.allclose(seen, expected, atol=1e-5)
+
+
+def test_reward_text_features_through_the_tower_equal_open_clips() -> None:
+    """A reward built from a backbone encodes texts with the promptable tower (padding after end-of-text dropped):
+    the same features as open_clip's ``encode_text`` on the full context, and the tower is really used."""
+    import vlprompt
+    from vlprompt.methods.rlcf import RewardEncoder
+
+    torch.manual_seed(0)
+    b = vlprompt.load_backbone("vlprompt-tiny", pretrained=None)
+    enc = RewardEncoder.from_backbone(b)
+    texts = ["a red star", "a small dotted red crescent right of a small orange digit 3"]
+    with torch.no_grad():
+        ours = enc.encode_text(texts)
+        ref = b.model.encode_text(b.tokenizer(texts))
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert enc.text_tower is b.text
+    assert "text_tower" not in dict(enc.named_children())  # one set of weights in the module tree

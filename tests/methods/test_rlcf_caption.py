@@ -104,3 +104,34 @@ def test_episode_restores_mapper_and_optimizer_bit_for_bit(clip, rewards) -> Non
     assert fresh.predict(ep) == after_restore[0]
     for a, b in zip(fresh_params, after_restore[1]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_reward_text_features_are_computed_once_per_distinct_caption(clip, rewards) -> None:
+    """Frozen rewards: a caption seen earlier for this image (or twice in one step) is not encoded again, and the
+    cached features give the rewards a fresh encoding gives."""
+    reward = RewardCLIP(rewards, [3.0, 1.0])
+    m = _policy(clip, reward)
+    ep = m.begin(_image(clip, 0))
+    encoded: list[list[str]] = []
+    real = reward.text_features
+
+    def spy(texts, *args, **kwargs):
+        encoded.append(list(texts))
+        return real(texts, *args, **kwargs)
+
+    reward.text_features = spy
+    first = ["a red star", "a blue circle", "a red star"]
+    got = m.rewards(ep, first)
+    assert encoded == [["a red star", "a blue circle"]]
+    second = ["a blue circle", "a green square", "a red star"]
+    got2 = m.rewards(ep, second)
+    assert encoded[1:] == [["a green square"]]
+    reward.text_features = real
+    for captions, value in ((first, got), (second, got2)):
+        index = torch.arange(len(captions)).unsqueeze(0)
+        fresh = reward.score(ep.extra["reward_image"], reward.text_features(captions), index)
+        torch.testing.assert_close(value, (fresh - fresh.mean(dim=-1, keepdim=True))[0], rtol=1e-5, atol=1e-6)
+    other = m.begin(_image(clip, 1))  # a new image starts with no cache
+    reward.text_features = spy
+    m.rewards(other, ["a red star"])
+    assert encoded[-1] == ["a red star"]

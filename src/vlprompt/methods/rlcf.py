@@ -59,15 +59,26 @@ def reinforce_loss(logits: Tensor, candidates: Tensor, rewards: Tensor) -> Tenso
 class RewardEncoder(nn.Module):
     """One frozen reward CLIP: any open_clip model (ViT or ResNet image tower), its tokenizer and input facts."""
 
-    def __init__(self, model: nn.Module, tokenizer, image_size: int, mean: Sequence[float], std: Sequence[float]):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        text_tower: nn.Module | None = None,
+    ):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.image_size, self.image_mean, self.image_std = image_size, tuple(mean), tuple(std)
+        # The backbone's promptable text tower over the same modules (not registered again: one set of weights in
+        # the module tree): it drops the padding after the last end-of-text, so short captions cost a few tokens.
+        self.__dict__["text_tower"] = text_tower
 
     @classmethod
     def from_backbone(cls, b: Backbone) -> RewardEncoder:
-        return cls(b.model, b.tokenizer, b.image_size, b.image_mean, b.image_std)
+        return cls(b.model, b.tokenizer, b.image_size, b.image_mean, b.image_std, b.text)
 
     @property
     def embed_dim(self) -> int:
@@ -81,7 +92,10 @@ class RewardEncoder(nn.Module):
         return self.model.encode_image(images)
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device))
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        if self.text_tower is not None:
+            return self.text_tower(tokens).pooled
+        return self.model.encode_text(tokens)
 
 
 class RewardCLIP(nn.Module):

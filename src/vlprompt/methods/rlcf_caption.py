@@ -7,7 +7,8 @@ T steps of
    teacher-forced pass, whose gradient reaches the mapper once instead of K times);
 2. beam search with K beams returning K captions, without grad;
 3. reward ``2.5 * max(cos, 0)`` of the reward CLIP(s) on (image, caption) (raw captions, no prefix text), minus its
-   mean over the K captions; the K captions' reward text features in one batched call;
+   mean over the K captions; reward text features in one batched call for the captions not seen before for this
+   image (a frozen reward gives a caption the same features at every step);
 4. the K captions re-tokenised and teacher-forced after the shared prefix in ONE batched pass; per-caption
    token-mean CE (:func:`vlprompt.methods.captioning.caption_losses`); loss ``mean_k r_k * CE_k``;
 5. an AdamW step on the mapper (the reference: eps 1e-6, weight decay 0);
@@ -72,8 +73,19 @@ class RLCFCaption(CaptionerMethod):
         if self.reward is None:
             raise RuntimeError("attach_reward() before adapting")
         index = torch.arange(len(captions)).unsqueeze(0)
-        scores = self.reward.score(ep.extra["reward_image"], self.reward.text_features(captions), index)
+        scores = self.reward.score(ep.extra["reward_image"], self.reward_text(ep, captions), index)
         return baseline_rewards(scores)[0]
+
+    def reward_text(self, ep: Episode, captions: list[str]) -> list[Tensor]:
+        """Each reward model's features of the captions ``[K, D]``. A caption is encoded once per image: the reward
+        models are frozen, and the beams of successive steps (and of one step) repeat captions; the new ones go
+        through each reward model in one batch."""
+        cache: dict[str, list[Tensor]] = ep.extra.setdefault("reward_text", {})
+        new = list(dict.fromkeys(c for c in captions if c not in cache))
+        if new:
+            for caption, *rows in zip(new, *self.reward.text_features(new)):
+                cache[caption] = rows
+        return [torch.stack([cache[c][m] for c in captions]) for m in range(len(self.reward.models))]
 
     def loss(self, ep: Episode, step: int) -> Tensor:
         """``mean_k r_k * CE_k`` over the current mapper's K beam captions."""
