@@ -8,13 +8,18 @@
    (:class:`~vlprompt.runners.grounding.GroundingLearner`, the whole base part as one task). The recipe is
    ``configs/world/pretrain_detector.yaml``. Training the towers too paid: the heads alone on the frozen towers
    reached P@1 23.9 / 6.1 (base val / clean continual test) after 20 epochs, against 29.7 / 12.9 after 5.
-2. The heads and towers written compactly (fp16, :mod:`vlprompt.backbone.world_detector`).
+2. The heads and towers written compactly (:mod:`vlprompt.backbone.world_detector`): fp16, the towers as their
+   difference from the shipped ``vlprompt-tiny`` weights, each weight matrix's as a rank-:data:`DELTA_RANK` SVD
+   (the smallest rank of 8/16/32/64 that kept P@1 within a point of the full towers with everything shipped under
+   25 MB; ``--rank`` picks another, 0 stores the towers in full).
 3. :func:`measure`: P@1/5/10 of exactly that stored form (loaded back into a fresh detector, as
    ``grounding.detector: world`` does) on the base val split, the clean continual test split and each shifted
    test split, beside new heads of the same seed on the shipped towers; :func:`spot_check`: the stored form's
    answers to the first base val expressions. Both into the model card ``vlprompt-world-detector.json``.
 
-``python -m vlprompt.runners.world_detector --world WORLD`` runs all three steps (see ``--help``).
+``python -m vlprompt.runners.world_detector --world WORLD`` runs all three steps (see ``--help``);
+``--measure-only`` re-measures the stored file into its card, after re-storing ``--from FILE`` (another world
+detector file, e.g. one with full towers) at ``--rank`` when given, without training.
 """
 
 from __future__ import annotations
@@ -28,8 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from vlprompt.backbone.world_detector import (
+    RANK_KEY,
+    STORAGE_KEYS,
     WORLD_DETECTOR,
     WORLD_DETECTOR_BACKBONE,
+    heads_metadata,
     load_world_detector,
     save_world_detector,
 )
@@ -53,6 +61,8 @@ FROZEN_CLIP = ("token_embedding.weight",)
 #: The one task the base part is trained and measured as.
 WHOLE = TaskSpec(0, "all", ())
 METRICS = ("rec/P@1", "rec/P@5", "rec/P@10")
+#: SVD rank of the stored towers' differences from the shipped vlprompt-tiny (None: store them in full).
+DELTA_RANK: int | None = 32
 #: Base val expressions whose answers the model card records (the small world's 16 are the same scenes).
 SPOT_CHECK = 16
 
@@ -141,10 +151,34 @@ def spot_check(cfg: Config, heads: str | Path, world: Path, n: int = SPOT_CHECK)
     }
 
 
+def measured_card(cfg: Config, weights: Path, world: Path, rank: int | None) -> dict[str, Any]:
+    """The model card's fields measured on the stored file ``weights`` (step 3) and how it stores the towers."""
+    return {
+        "towers_stored": {
+            "form": "full fp16" if rank is None else "fp16 difference from the backbone, matrices as rank-r SVD",
+            "rank": rank,
+            "file_bytes": weights.stat().st_size,
+        },
+        "stored": measure(cfg, weights, world),
+        "new_heads_same_seed": measure(cfg, None, world),
+        "spot_check_base_val": spot_check(cfg, weights, world),
+    }
+
+
+def _command(flags: str, out: Path, overrides: Sequence[str]) -> str:
+    tail = "".join(f" {o}" for o in overrides)
+    return f"OMP_NUM_THREADS=1 python -m vlprompt.runners.world_detector --world WORLD --out {out}{flags}{tail}"
+
+
 def pretrain_world_detector(
-    world: Path, out: Path, overrides: Sequence[str] = (), progress: bool = False
+    world: Path,
+    out: Path,
+    overrides: Sequence[str] = (),
+    progress: bool = False,
+    rank: int | None = DELTA_RANK,
 ) -> dict[str, Any]:
-    """Steps 1-3 of the module docstring; writes ``out/<WORLD_DETECTOR>.safetensors`` and ``.json``."""
+    """Steps 1-3 of the module docstring (the towers stored at ``rank``); writes ``out/<WORLD_DETECTOR>.safetensors``
+    and ``.json``."""
     world = Path(world).resolve()
     cfg = recipe_config(world, overrides)
     start = time.perf_counter()
@@ -163,7 +197,7 @@ def pretrain_world_detector(
         "world_version": str(manifest.get("version")),
     }
     weights = out / f"{WORLD_DETECTOR}.safetensors"
-    save_world_detector(method.detector, weights, meta, FROZEN_CLIP)
+    save_world_detector(method.detector, weights, meta, FROZEN_CLIP, rank)
     card = {
         **meta,
         "trained_on": "grounding/" + layout.grounding_file(world, "base_train").name,
@@ -174,13 +208,43 @@ def pretrain_world_detector(
             "heads": sum(p.numel() for h in method.detector.heads() for p in h.parameters()),
             "towers": sum(p.numel() for k, p in method.backbone.model.named_parameters() if k not in FROZEN_CLIP),
         },
-        "stored": measure(cfg, weights, world),
-        "new_heads_same_seed": measure(cfg, None, world),
-        "spot_check_base_val": spot_check(cfg, weights, world),
-        "command": f"OMP_NUM_THREADS=1 python -m vlprompt.runners.world_detector --world WORLD --out {out}"
-        + "".join(f" {o}" for o in overrides),
+        **measured_card(cfg, weights, world, rank),
+        "command": _command(_rank_flag(rank), out, overrides),
     }
     (out / f"{WORLD_DETECTOR}.json").write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return card
+
+
+def _rank_flag(rank: int | None) -> str:
+    return "" if rank == DELTA_RANK else f" --rank {rank or 0}"
+
+
+def remeasure_world_detector(
+    world: Path,
+    out: Path,
+    source: Path | None = None,
+    rank: int | None = DELTA_RANK,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """No training: re-store ``source`` (a world detector file, e.g. one with full towers) into ``out`` at ``rank``
+    when given, then re-measure ``out``'s file (step 3) into its model card, keeping the card's training record."""
+    world = Path(world).resolve()
+    cfg = recipe_config(world, overrides)
+    weights, card_path = out / f"{WORLD_DETECTOR}.safetensors", out / f"{WORLD_DETECTOR}.json"
+    if not card_path.is_file():
+        raise ConfigError(
+            f"no model card {card_path} to re-measure into: train the detector first (no --measure-only)"
+        )
+    if source is not None:  # its training record (backbone, recipe, world), not how it was stored
+        meta = {k: v for k, v in heads_metadata(Path(source)).items() if k not in STORAGE_KEYS}
+        method = build_detector_method(cfg, source)
+        save_world_detector(method.detector, weights, meta, FROZEN_CLIP, rank)
+    stored_rank = heads_metadata(weights).get(RANK_KEY)
+    rank = int(stored_rank) if stored_rank else None
+    card = {**json.loads(card_path.read_text()), **measured_card(cfg, weights, world, rank)}
+    card["stored_with"] = _command(" --measure-only" + (" --from FILE" + _rank_flag(rank) if source else ""), out,
+                                   overrides)  # fmt: skip
+    card_path.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     return card
 
 
@@ -191,10 +255,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "models",
                    help="where the heads and the model card go (default: the shipped assets)")  # fmt: skip
     p.add_argument("--progress", action="store_true", help="show a progress bar")
+    p.add_argument(
+        "--rank",
+        type=int,
+        default=DELTA_RANK,
+        help=f"SVD rank of the stored towers' differences (default {DELTA_RANK}; 0: store them in full)",
+    )
+    p.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="no training: re-measure the stored file in --out into its model card",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        help="with --measure-only: first re-store this world detector file into --out at --rank",
+    )
     p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. train.epochs=2")
     args = p.parse_args(argv)
-    card = pretrain_world_detector(args.world, args.out, args.overrides, args.progress)
-    print(json.dumps({k: card[k] for k in ("stored", "new_heads_same_seed", "train_seconds")}, indent=1))
+    rank = args.rank or None
+    if args.source is not None and not args.measure_only:
+        p.error("--from goes with --measure-only")
+    if args.measure_only:
+        card = remeasure_world_detector(args.world, args.out, args.source, rank, args.overrides)
+    else:
+        card = pretrain_world_detector(args.world, args.out, args.overrides, args.progress, rank)
+    print(json.dumps({k: card[k] for k in ("stored", "new_heads_same_seed", "towers_stored")}, indent=1))
 
 
 if __name__ == "__main__":
