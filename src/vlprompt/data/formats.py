@@ -9,7 +9,7 @@ DATASET_FORMATS: dict[str, str] = {
     "activitynet": "ActivityNet Captions as paragraphs: {train,val}_ids.json + train.json / val_1.json",
     "msvd": "MSVD: raw-captions.pkl + {train,val,test}_list.txt (multi-sentence)",
     "didemo": "DiDeMo as paragraphs: {split}_data.json (+ {split}_list.txt)",
-    # referring expressions (RefCOCO/+/g; readers in vlprompt.data.grounding, the grounding model comes later)
+    # referring expressions (RefCOCO/+/g; readers in vlprompt.data.grounding, runs in vlprompt.runners.grounding)
     "mdetr-refexp": "RefCOCO/+/g as MDETR's finetune_<refcoco|refcoco+|refcocog>_<split>.json (COCO train2014 images)",
     "refer": "RefCOCO/+/g in the refer toolkit layout: <dataset>/refs(unc|google|umd).p + instances.json",
     # captioning (`vlprompt caption`; readers in vlprompt.data.captions)
