@@ -236,3 +236,16 @@ def test_ks_and_empty_inputs_are_checked_and_a_one_item_gallery_works() -> None:
 def test_scores_that_require_grad_are_accepted() -> None:
     scores = torch.tensor([[0.9, 0.1]], requires_grad=True)
     assert ndcg_at_k(scores, np.array([[1.0, 0.0]]), ks=(1,))[1] == 100.0
+
+
+def test_protocols_use_the_caption_count_not_the_embedding_width_as_gallery_size() -> None:
+    """2-d embeddings, 12 captions, NDCG@8: the t2t gallery holds 12 captions, the mixed ones 3 + 12 items."""
+    img, txt, txt2img, img2txt, rel = _gallery(n=3, per=4, dim=2, seed=5)
+    first = [c[0] for c in img2txt]
+    single = single_modal_ndcg(img, txt, img2txt, rel, ks=(8,))
+    t_scores = (txt[first] @ txt.T).numpy()
+    assert single["t2t/NDCG@8"] == pytest.approx(_brute_ndcg(t_scores, rel.T, 8, first), abs=1e-4)
+    mixed = mixed_ndcg(img, txt, img2txt, rel, ks=(8,))
+    i_scores = torch.cat([img @ img.T, img @ txt.T], 1).numpy()
+    i_rel = np.concatenate([rel[first], rel.T], 1)
+    assert mixed["i2it/NDCG@8"] == pytest.approx(_brute_ndcg(i_scores, i_rel, 8), abs=1e-4)

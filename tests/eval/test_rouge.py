@@ -167,3 +167,18 @@ def test_lcs_matrix_progress_counts_row_blocks(monkeypatch) -> None:
 def test_lcs_matrix_of_no_captions_is_empty() -> None:
     assert lcs_matrix([], ["a red ball"]).shape == (0, 1)
     assert lcs_matrix(["a red ball"], []).shape == (1, 0)
+
+
+def test_the_tokenizer_option_reaches_references_and_both_sides_of_the_lcs() -> None:
+    # "man." is a token of its own only under the whitespace tokenizer
+    assert rouge_l("a man.", ["a man."], tokenizer="whitespace") == pytest.approx(1.0)
+    assert rouge_l("a man.", ["a man"], tokenizer="whitespace") == pytest.approx(0.5)
+    got = lcs_matrix(["a man", "a man."], ["a man.", "a man"], tokenizer="whitespace")
+    assert got.tolist() == [[1, 2], [2, 1]]
+    assert lcs_matrix(["a man", "a man."], ["a man.", "a man"]).tolist() == [[2, 2], [2, 2]]
+
+
+def test_urls_stay_whole_even_with_a_typographic_apostrophe() -> None:
+    # a word "don’t" splits at its clitic; inside a URL or after an e-mail's @ nothing is split or rewritten
+    assert tokenize("don’t") == ["do", "n't"]
+    assert tokenize("see http://a.com/don’t now") == ["see", "http://a.com/don’t", "now"]

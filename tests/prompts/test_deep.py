@@ -88,3 +88,11 @@ def test_coupled_vision_prompts_backpropagate_into_text_prompts():
     assert prompts.deep_text.tokens.grad is not None and prompts.deep_text.tokens.grad[0].abs().sum() > 0
     assert prompts.couplers[1].weight.grad is not None
     assert prompts.couplers[0].weight.grad is None
+
+
+def test_deep_prompts_default_std_and_symmetric_uniform_range():
+    torch.manual_seed(0)
+    assert abs(DeepPrompts(4, 8, 256)().std().item() - 0.02) < 0.002  # VPT's / CoOp's N(0, 0.02^2) default
+    tokens = DeepPrompts(4, 8, 256, init_range=0.5)().detach()
+    assert tokens.min() < -0.45 and tokens.max() > 0.45  # U(-r, r), not a point mass at r
+    assert abs(tokens.mean().item()) < 0.02

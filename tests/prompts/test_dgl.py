@@ -47,3 +47,32 @@ def test_transformer_shapes_and_frame_major_rows() -> None:
     out = gen()
     table = gen.embedding.weight.view(4 + 10, 3, 64).transpose(0, 1)
     assert torch.equal(out.frames[1, 2, 0], table[1, 4 + 2 * 2])
+
+
+def test_global_prompts_are_uniform_in_the_vpt_range_and_returned_by_both_generators() -> None:
+    torch.manual_seed(0)
+    lin = DGLLinearPrompts(depth=2, n_local=64, n_global=64, vision_width=64, text_width=32, patch=8)
+    bound = (6 / (3 * 8 * 8 + 64)) ** 0.5
+    for table in (lin.visual, lin.global_prompts):
+        assert table.min() < -0.9 * bound and table.max() > 0.9 * bound  # U(-b, b), symmetric
+    gen = DGLTransformerPrompts(depth=2, n_local=2, n_global=3, n_text=4, frames=2, vision_width=16, text_width=8,
+                                patch=8, heads=2)  # fmt: skip
+    assert torch.equal(gen().globals, gen.global_prompts[0])
+    assert torch.equal(lin().globals, lin.global_prompts[0])
+
+
+def test_transformer_generator_uses_quickgelu_in_the_block_and_between_the_mlp_layers() -> None:
+    """The reference's prompt block and text MLP are CLIP's (QuickGELU), the MLP ``Dv -> 2Dv -> Dt``."""
+    from open_clip.transformer import QuickGELU
+
+    torch.manual_seed(0)
+    gen = DGLTransformerPrompts(depth=2, n_local=2, n_global=1, n_text=4, frames=2, vision_width=16, text_width=8,
+                                patch=8, heads=2)  # fmt: skip
+    assert isinstance(gen.block.mlp.gelu, QuickGELU)
+    assert [type(m) for m in gen.mlp] == [torch.nn.Linear, QuickGELU, torch.nn.Linear]
+    out = gen()
+    rows = gen.embedding.weight.shape[0]
+    z = gen.block(gen.embedding.weight.view(rows, 2, 16).transpose(0, 1))
+    first, second = gen.mlp[0], gen.mlp[2]
+    h = first(z[:, :4])
+    torch.testing.assert_close(out.text, second(h * torch.sigmoid(1.702 * h)))

@@ -63,3 +63,54 @@ def test_dualprompt_concatenates_e_then_g_where_layers_coincide():
     assert float(init_prompt((1000,), "uniform").abs().max()) <= 1.0
     with pytest.raises(ValueError, match="unknown prompt init"):
         init_prompt((2,), "xavier")
+
+
+@pytest.mark.parametrize(("how", "std"), [("normal", 0.02), ("normal:0.5", 0.5)])
+def test_init_prompt_options(how: str, std: float):
+    torch.manual_seed(0)
+    t = init_prompt((4000,), how)
+    assert abs(float(t.std()) - std) < 0.1 * std
+    u = init_prompt((4000,))  # the default is L2P's / HiDe's U(-1, 1)
+    assert float(u.min()) < -0.95 and float(u.max()) > 0.95 and float(u.abs().max()) <= 1.0
+    assert float(init_prompt((5,), "zero").abs().sum()) == 0
+
+
+def test_merge_plans_concatenates_keys_and_values_in_argument_order():
+    first, second = torch.zeros(1, 1, 2, 1, 4), torch.ones(2, 1, 2, 2, 4)
+    first[:, :, 1] = -1.0  # values of the first plan
+    second[:, :, 1] = 2.0
+    k, v = merge_plans(prefix_plan([3], first), prefix_plan([3], second)).prefix[3]
+    assert k.shape == v.shape == (2, 3, 4)
+    assert torch.equal(v[:, 0], torch.full((2, 4), -1.0)) and torch.equal(v[:, 1:], torch.full((2, 2, 4), 2.0))
+    assert torch.equal(k[:, 0], torch.zeros(2, 4)) and torch.equal(k[:, 1:], torch.ones(2, 2, 4))
+
+
+def test_task_prompts_sizes_init_and_keys():
+    one = TaskPrefixPrompts(num_tasks=1, num_layers=1, length=1, width=3)  # the smallest valid size
+    assert one.keys is None  # no keys unless key_dim is given
+    assert one.gather(torch.tensor([0, 0])).shape == (2, 1, 2, 1, 3)
+    for bad in ((0, 1, 1), (1, 0, 1), (1, 1, 0)):
+        with pytest.raises(ValueError, match="at least one"):
+            TaskPrefixPrompts(*bad, width=3)
+    zero = TaskPrefixPrompts(num_tasks=2, num_layers=1, length=2, width=3, key_dim=4, init="zero")
+    assert all(float(p.detach().abs().sum()) == 0 for p in [*zero.prompts, *zero.keys])
+    assert [tuple(k.shape) for k in zero.keys] == [(4,), (4,)]
+
+
+def test_key_similarity_is_the_cosine_of_each_query_with_each_seen_key():
+    torch.manual_seed(0)
+    prompts = TaskPrefixPrompts(num_tasks=3, num_layers=1, length=1, width=2, key_dim=4)
+    query = torch.randn(5, 4) * torch.tensor([[1.0], [3.0], [0.2], [2.0], [5.0]])  # rows of different norms
+    sim = prompts.key_similarity(query, num_seen=2)
+    want = torch.nn.functional.cosine_similarity(query[:, None], torch.stack(list(prompts.keys)[:2])[None], dim=-1)
+    torch.testing.assert_close(sim, want, atol=1e-6, rtol=0)
+
+
+def test_dualprompt_g_prompt_exists_only_with_layers_and_tokens():
+    kw = dict(num_tasks=2, e_layers=[1], e_length=1, width=4, key_dim=3)
+    assert DualPromptPrompts(g_layers=[], g_length=2, **kw).g is None
+    assert DualPromptPrompts(g_layers=[0], g_length=0, **kw).g is None
+    one = DualPromptPrompts(g_layers=[0], g_length=1, init="zero", **kw)
+    assert one.g is not None and one.g.shape == (1, 2, 1, 4) and float(one.g.detach().abs().sum()) == 0
+    assert all(float(p.detach().abs().sum()) == 0 for p in one.e.prompts)  # init reaches the E-prompts too
+    assert [tuple(k.shape) for k in one.e.keys] == [(3,), (3,)]  # E-prompts have keys of key_dim

@@ -79,3 +79,30 @@ def test_interaction_is_the_papers_mixing_with_bias_rows_and_m_0_1():
         t_ref = inter.ln_t(0.9 * t + 0.1 * (v @ w_vt[:4] + w_vt[4]))
         v_out, t_out = inter(layer, v, t)
         assert torch.allclose(v_out, v_ref, atol=1e-5) and torch.allclose(t_out, t_ref, atol=1e-5)
+
+
+def test_decomposed_prompt_accepts_size_one_and_rejects_each_zero_size():
+    import pytest
+
+    pv, pt = DecomposedPrompt(1, 1, 1, 1, 1)()
+    assert pv.shape == pt.shape == (1, 1, 1)
+    for i in range(5):
+        sizes = [2] * 5
+        sizes[i] = 0
+        with pytest.raises(ValueError, match="rank must be >= 1"):
+            DecomposedPrompt(*sizes)
+
+
+def test_full_rank_prompt_text_shape_and_std():
+    torch.manual_seed(0)
+    p = FullRankPrompt(2, 16, 64, 512)
+    assert p.text.shape == (2, 16, 512)
+    assert abs(float(p.text.detach().std()) - 0.02) < 0.002 and abs(float(p.vision.detach().std()) - 0.02) < 0.002
+
+
+def test_interaction_factors_use_linears_kaiming_init():
+    """``kaiming_uniform_(a=sqrt(5))`` on a ``[rows, r]`` factor is U(-1/sqrt(r), 1/sqrt(r)) (LPI's init)."""
+    torch.manual_seed(0)
+    m = CPMatrices(2000, 2000, 2000, 4)
+    for factor in (m.a, m.b, m.c):
+        assert 0.99 * 0.5 < float(factor.detach().abs().max()) <= 0.5

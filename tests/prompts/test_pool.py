@@ -69,7 +69,31 @@ def test_defaults_top_k_bounds_pull_loss_scale_and_batchwise_ties():
     assert out.indices.tolist() == [[0], [1]]  # top-1 each, not a batch vote
     assert float(out.pull_loss.detach()) == pytest.approx(0.0, abs=1e-6)
     two = pool(query, top_k=2)  # second picks: cos 0 each -> pull = (0 + 1) per sample, mean 1
-    assert float(two.pull_loss) == pytest.approx(1.0, abs=1e-6)
+    assert float(two.pull_loss.detach()) == pytest.approx(1.0, abs=1e-6)
     assert PromptPool(3, 1, 2, key_dim=2, top_k=3).top_k == 3
     voted = pool.select(pool.similarity(query), batchwise=True)  # prompts 0 and 1 chosen once each: tie -> 0
     assert voted.tolist() == [[0], [0]]
+
+
+def test_select_defaults_to_per_sample_choice_and_allows_exactly_k_candidates():
+    pool = _pool(top_k=1)
+    query = torch.tensor([[1.0, 0.1], [0.0, 1.0]])
+    assert pool.select(pool.similarity(query)).flatten().tolist() == [0, 1]  # no batch vote by default
+    assert sorted(pool(query, top_k=2, allowed=[2, 3]).indices[0].tolist()) == [2, 3]  # exactly k allowed
+
+
+def test_batchwise_vote_follows_the_majority_and_serves_k_prompts():
+    pool = _pool(top_k=1)
+    query = torch.tensor([[-1.0, 0.1], [-1.0, -0.1], [-1.0, 0.2], [1.0, 0.0]])  # three votes for key 2, one for 0
+    assert pool(query, batchwise=True).indices.flatten().tolist() == [2, 2, 2, 2]
+    two = pool(query, top_k=2, batchwise=True).indices
+    assert two.shape == (4, 2) and all(row == two[0].tolist() for row in two.tolist())
+
+
+@pytest.mark.parametrize(("how", "std"), [("normal", 0.02), ("normal:0.5", 0.5)])
+def test_pool_init_options(how: str, std: float):
+    torch.manual_seed(0)
+    pool = PromptPool(50, 2, 20, 4, init=how)
+    assert abs(float(pool.prompts.detach().std()) - std) < 0.1 * std
+    uniform = PromptPool(50, 2, 20, 4).prompts.detach()  # L2P's U(-1, 1), symmetric
+    assert float(uniform.min()) < -0.95 and float(uniform.max()) > 0.95

@@ -1,0 +1,113 @@
+"""Invariants of the method base class that a one-line change would break (issue 14, mutation testing): what text
+the towers see, how videos are pooled (CLIP4Clip's meanP over valid frames), the loss, and what counts as trained."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+import vlprompt
+from vlprompt.methods import build_method
+from vlprompt.methods.base import Plans
+
+
+@pytest.fixture(scope="module")
+def tiny() -> vlprompt.Backbone:
+    torch.manual_seed(0)
+    return vlprompt.load_backbone("vlprompt-tiny", pretrained=None).eval()
+
+
+def _video(bb: vlprompt.Backbone, frames: int = 3) -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, frames, 3, bb.image_size, bb.image_size)
+
+
+def test_tokenize_puts_placeholders_before_and_the_suffix_after_each_caption(tiny):
+    method = build_method({"name": "zeroshot"}, tiny)
+    assert torch.equal(method.tokenize(["a red square"]), tiny.tokenize(["a red square"]))
+    method.n_placeholders, method.caption_suffix = 3, "."
+    assert torch.equal(method.tokenize(["a red square", "b"]), tiny.tokenize(["X X X a red square.", "X X X b."]))
+    method.max_words = 6
+    ids = method.tokenize(["a red square"])
+    assert ids.shape == (1, 6) and torch.equal(ids, tiny.tokenize(["X X X a red square."], 6))
+
+
+def test_video_embedding_is_the_mean_of_normalised_frame_embeddings_over_valid_frames(tiny):
+    method = build_method({"name": "zeroshot"}, tiny)
+    video = _video(tiny)
+    with torch.no_grad():
+        frames = F.normalize(tiny.vision(video, None).pooled, dim=-1)  # [B, T, E]
+        torch.testing.assert_close(method.encode_video(video), F.normalize(frames.mean(1), dim=-1))
+        mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+        want = torch.stack([frames[0, :2].mean(0), frames[1, 0]])
+        torch.testing.assert_close(method.encode_video(video, mask), F.normalize(want, dim=-1))
+        torch.testing.assert_close(method.encode_visual(video, mask), F.normalize(want, dim=-1))
+        empty = method.encode_video(video, torch.zeros(2, 3))  # no valid frame: a zero vector, not NaN
+        assert torch.isfinite(empty).all() and float(empty.abs().max()) == 0.0
+        images = video[:, 0]
+        torch.testing.assert_close(method.encode_visual(images), F.normalize(tiny.encode_image(images), dim=-1))
+
+
+def test_forward_is_clip_loss_of_the_normalised_embeddings_at_clips_scale(tiny):
+    method = build_method({"name": "coop", "n_ctx": 2}, tiny)
+    images = _video(tiny)[:, 0]
+    tokens = method.tokenize(["a red square", "a blue circle"])
+    with torch.no_grad():
+        loss = method(images, tokens)
+        plans = method.plans()
+        want = ClipLoss()(method.encode_image(images, plans), method.encode_text(tokens, plans), tiny.logit_scale)
+    torch.testing.assert_close(loss, want)
+    assert torch.equal(method.logit_scale, tiny.logit_scale)
+
+
+def test_trainable_state_and_counts(tiny):
+    method = build_method({"name": "coop", "n_ctx": 2}, tiny)
+    assert set(method.trainable_state_dict()) == {"context.ctx"}
+    counts = method.parameter_counts()
+    assert counts["trainable"] == 2 * tiny.text_width
+    assert counts["total"] == sum(p.numel() for p in tiny.model.parameters()) + 2 * tiny.text_width
+
+
+def test_word_embeddings_are_the_first_n_word_tokens_or_none(tiny):
+    method = build_method({"name": "zeroshot"}, tiny)
+    ids = tiny.tokenize(["a photo of a"])[0, 1:5]
+    with torch.no_grad():
+        torch.testing.assert_close(method.word_embeddings("a photo of a", 4), tiny.text.token_embedding(ids))
+        torch.testing.assert_close(method.word_embeddings("a photo of a", 2), tiny.text.token_embedding(ids[:2]))
+    assert method.word_embeddings("a photo", 3) is None  # fewer word tokens than asked for
+
+
+def test_encoders_use_the_plans_they_are_given(tiny):
+    """Routed evaluation passes another task's plans: the encoders must not fall back to the current ones."""
+    empty = Plans()  # no prompts at all: the frozen CLIP
+    vpt = build_method({"name": "vpt", "n_tokens": 2}, tiny)
+    coop = build_method({"name": "coop", "n_ctx": 2}, tiny)
+    video = _video(tiny)
+    tokens = coop.tokenize(["a red square", "a blue circle"])
+    with torch.no_grad():
+        frozen_images = F.normalize(tiny.encode_image(video[:, 0]), dim=-1)
+        torch.testing.assert_close(vpt.encode_image(video[:, 0], empty), frozen_images)
+        torch.testing.assert_close(vpt.encode_visual(video[:, 0], None, empty), frozen_images)
+        assert not torch.allclose(vpt.encode_image(video[:, 0]), frozen_images, atol=1e-4)
+        frames = F.normalize(tiny.vision(video, None).pooled, dim=-1)
+        torch.testing.assert_close(vpt.encode_video(video, None, empty), F.normalize(frames.mean(1), dim=-1))
+        torch.testing.assert_close(vpt.encode_visual(video, None, empty), F.normalize(frames.mean(1), dim=-1))
+        assert not torch.allclose(vpt.encode_video(video), F.normalize(frames.mean(1), dim=-1), atol=1e-4)
+        torch.testing.assert_close(coop.encode_text(tokens, empty), F.normalize(tiny.encode_text(tokens), dim=-1))
+        assert not torch.allclose(coop.encode_text(tokens), F.normalize(tiny.encode_text(tokens), dim=-1), atol=1e-4)
+
+
+def test_options_default_and_video_training_reads_the_mask(tiny):
+    from vlprompt.methods.coop import CoOp
+
+    assert isinstance(CoOp(tiny).options, CoOp.Options)  # built without options: the defaults
+    method = build_method({"name": "vpt", "n_tokens": 2}, tiny)
+    video = _video(tiny)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    tokens = method.tokenize(["a red square", "a blue circle"])
+    with torch.no_grad():
+        loss = method(video, tokens, mask)
+        want = ClipLoss()(method.encode_video(video, mask), method.encode_text(tokens), tiny.logit_scale)
+    torch.testing.assert_close(loss, want)
