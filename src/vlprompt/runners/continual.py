@@ -271,6 +271,21 @@ def epoch_cosine(epoch: int, epochs: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
 
 
+def task_optimizer(
+    cfg: Config, method: Method, total_steps: int, device: torch.device
+) -> tuple[torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """A task's optimizer (fresh for every task, over the parameters it trains), its schedule
+    (``continual.lr_per_epoch``: LPI's CosineAnnealingLR(T_max=epochs) stepped once per epoch; else the trainer's
+    per-step schedule) and the fp16 loss scaler, for every continual learner."""
+    optimizer = make_optimizer(cfg, method)
+    if cfg.continual.lr_per_epoch:
+        epochs = cfg.train.epochs
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: epoch_cosine(e, epochs))
+    else:
+        schedule = make_schedule(cfg, optimizer, total_steps)
+    return optimizer, schedule, torch.amp.GradScaler(device.type, enabled=cfg.train.autocast == "fp16")
+
+
 class RetrievalLearner:
     """Continual image-text retrieval with any method (a :class:`ContinualMethod` gets the task hooks)."""
 
@@ -313,12 +328,7 @@ class RetrievalLearner:
         if steps_per_epoch == 0:
             raise ConfigError(f"task {task}: {len(pairs)} pairs give no full step of batch {t.batch_size}")
         total = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
-        optimizer = make_optimizer(cfg, method)  # fresh for every task
-        if cfg.continual.lr_per_epoch:  # LPI: CosineAnnealingLR(T_max=epochs) stepped once per epoch
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: epoch_cosine(e, t.epochs))
-        else:
-            schedule = make_schedule(cfg, optimizer, total)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=t.autocast == "fp16")
+        optimizer, schedule, scaler = task_optimizer(cfg, method, total, self.device)
         params = method.trainable_parameters()
         step, losses, terms = 0, [], {}
         method.train()

@@ -39,7 +39,7 @@ from vlprompt.core.factory import resolve_device, seed_everything
 from vlprompt.core.progress import TrainProgress
 from vlprompt.core.rundir import prepare_run_dir, run_dir_for, tracked_run, write_json
 from vlprompt.core.tracking import open_tracker
-from vlprompt.core.trainer import epoch_order, make_optimizer, make_schedule, optimizer_step
+from vlprompt.core.trainer import epoch_order, optimizer_step
 from vlprompt.data import collate_skip_none
 from vlprompt.data.continual import TaskSpec, resolve_task_sequence
 from vlprompt.data.grounding import RefSample, save_task_lists
@@ -55,12 +55,12 @@ from vlprompt.runners.continual import (
     RESULTS,
     SessionResult,
     build_continual_model,
-    epoch_cosine,
     load_method_state,
     method_state,
     relation_for,
     run_task_sequence,
     task_checkpoint,
+    task_optimizer,
 )
 
 REPORT_METRICS = ("rec/P@1", "rec/P@5", "rec/P@10", "route/acc", "oracle/P@1")
@@ -158,12 +158,7 @@ class GroundingLearner:
         cfg, t, method = self.cfg, self.cfg.train, self.method
         steps_per_epoch = math.ceil(len(data) / t.batch_size)
         total = steps_per_epoch * t.epochs if not t.max_steps else min(t.max_steps, steps_per_epoch * t.epochs)
-        optimizer = make_optimizer(cfg, method)  # fresh for every task, over this task's parameters
-        if cfg.continual.lr_per_epoch:
-            schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: epoch_cosine(e, t.epochs))
-        else:
-            schedule = make_schedule(cfg, optimizer, total)
-        scaler = torch.amp.GradScaler(self.device.type, enabled=t.autocast == "fp16")
+        optimizer, schedule, scaler = task_optimizer(cfg, method, total, self.device)
         params = method.trainable_parameters()
         step, losses, terms = 0, [], {}
         method.train()
