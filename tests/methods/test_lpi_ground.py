@@ -13,6 +13,8 @@ from vlprompt.methods.grounding import normalized_targets, rec_loss
 from vlprompt.methods.lpi import layer_alignment_loss, task_contrast_loss
 from vlprompt.methods.lpi_ground import LPIGround, LPIGroundOptions
 
+from .ground_helpers import assert_routes_by_image
+
 TARGETS = torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.6, 0.3, 0.4]])
 
 
@@ -177,32 +179,18 @@ def test_loss_is_rec_plus_weighted_align_and_task_terms():
 
 
 def test_evaluation_routes_each_image_to_a_task_and_uses_its_prompts():
+    """Routing by the image's frozen features, each task's prompts and interaction, oracle tasks (shared checks)."""
     m = _method()
-    images, tokens = _images(4, seed=5), m.tokenize(["a", "b", "c", "d"])
-    feats = m.frozen_image_features(images)
-    m.begin_task(1)
-    m.fit_keys(0, feats[:2].repeat(3, 1))
-    m.fit_keys(1, feats[2:].repeat(3, 1))
-    sizes = torch.tensor([[64, 64]] * 4)
-    pred = m.predict(images, tokens, sizes, k=3)
-    assert pred.tasks.tolist() == [0, 0, 1, 1]
-    with torch.no_grad():  # rows of task 1 answered by task 1's prompts and interaction, alone
-        alone = m.ground(images[2:], tokens[2:], m.task_plans(1), m.interaction(1))
-        wrong = m.ground(images[2:], tokens[2:], m.task_plans(0), m.interaction(0))
-    top = alone.logits[..., 0].sort(dim=-1, descending=True, stable=True).values[:, :3]
-    torch.testing.assert_close(pred.scores[2:], top)
-    assert (wrong.logits - alone.logits).abs().max() > 1e-4
-    oracle = m.predict(images, tokens, sizes, k=3, tasks=torch.tensor([1, 1, 1, 1]))
-    assert oracle.tasks.tolist() == [1, 1, 1, 1]
-    torch.testing.assert_close(oracle.scores[2:], pred.scores[2:])
+    assert isinstance(m, TaskGroundingMethod) and not m.uses_text_keys
+    assert_routes_by_image(m)
     # before task 1 exists only task 0 can be chosen
     m.begin_task(0)
-    assert m.predict(images, tokens, sizes, k=1).tasks.tolist() == [0, 0, 0, 0]
+    images, tokens = _images(4, seed=5), m.tokenize(["a", "b", "c", "d"])
+    assert m.predict(images, tokens, torch.tensor([[64, 64]] * 4), k=1).tasks.tolist() == [0, 0, 0, 0]
 
 
 def test_routing_reads_the_image_only():
     m = _method()
-    assert isinstance(m, TaskGroundingMethod) and not m.uses_text_keys
     images = _images(2, seed=6)
     m.fit_keys(0, m.frozen_image_features(images[:1]).repeat(5, 1))
     m.fit_keys(1, m.frozen_image_features(images[1:]).repeat(5, 1))

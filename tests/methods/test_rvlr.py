@@ -16,7 +16,7 @@ from open_clip.loss import ClipLoss
 import vlprompt
 from vlprompt.config import DataConfig, load_config
 from vlprompt.core.trainer import train
-from vlprompt.data.features import FeatureCache, extract_split_features
+from vlprompt.data.features import FeatureCache
 from vlprompt.errors import ConfigError
 from vlprompt.methods import build_method
 from vlprompt.methods.baselines import FullFinetune
@@ -154,18 +154,6 @@ def test_single_process_loss_equals_two_process_gathered_loss(tmp_path: Path) ->
         gathered, full, grad_error = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert gathered == pytest.approx(full, rel=1e-6)
         assert grad_error < 1e-6
-
-
-@pytest.fixture(scope="module")
-def teachers(image_text_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Feature caches of a frozen random tiny CLIP's towers (another seed than the student) on the train pairs."""
-    out = tmp_path_factory.mktemp("teachers")
-    torch.manual_seed(1)
-    teacher = vlprompt.load_backbone("vlprompt-tiny", pretrained=None).eval()
-    data = DataConfig(root=str(image_text_set), train="train.json")
-    extract_split_features(data, "train", "image", out / "image", teacher, "teacher/image", shard_size=5)
-    extract_split_features(data, "train", "text", out / "text", teacher, "teacher/text", shard_size=7)
-    return out / "image", out / "text"
 
 
 def _config(tmp_path: Path, root: Path, image: Path, text: Path) -> Path:

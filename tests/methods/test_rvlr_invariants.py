@@ -4,7 +4,6 @@ constants and weights, written out from the spec (part B8) with explicit loops, 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 import vlprompt
 from vlprompt.config import DataConfig
-from vlprompt.data.features import FeatureCache, caption_sample_id, extract_split_features, image_sample_id
+from vlprompt.data.features import FeatureCache, caption_sample_id, image_sample_id
 from vlprompt.errors import ConfigError
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Plans
@@ -193,20 +192,8 @@ def test_video_loss_reads_the_frame_mask(tiny) -> None:
         assert float(loss) == pytest.approx(0.5 * (_ce(s * u @ t.T, eye) + _ce(s * t @ u.T, eye)), rel=1e-5)
 
 
-@pytest.fixture(scope="module")
-def caches(image_text_set: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Teacher feature caches (a differently seeded tiny CLIP) of the train pairs."""
-    out = tmp_path_factory.mktemp("rvlr_teachers")
-    torch.manual_seed(1)
-    teacher = vlprompt.load_backbone("vlprompt-tiny", pretrained=None).eval()
-    data = DataConfig(root=str(image_text_set), train="train.json")
-    extract_split_features(data, "train", "image", out / "image", teacher, "teacher/image", shard_size=5)
-    extract_split_features(data, "train", "text", out / "text", teacher, "teacher/text", shard_size=7)
-    return out / "image", out / "text"
-
-
-def test_teacher_features_are_the_rows_of_the_batchs_images_and_captions(tiny, caches, image_text_set) -> None:
-    image, text = caches
+def test_teacher_features_are_the_rows_of_the_batchs_images_and_captions(tiny, teachers, image_text_set) -> None:
+    image, text = teachers
     method = build_method({"name": "rvlr", "image_teacher": str(image), "text_teacher": str(text)}, tiny)
     with pytest.raises(RuntimeError, match="bind_train_set"):
         method.teacher_features(torch.tensor([0]), torch.tensor([0]))
