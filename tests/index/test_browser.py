@@ -18,7 +18,7 @@ import pytest
 from headless_chromium import CHROMIUM, launch
 
 pytest.importorskip("faiss")
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 if not CHROMIUM.exists():

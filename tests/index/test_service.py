@@ -1,4 +1,4 @@
-"""The search service through FastAPI's TestClient: page, JSON API, thumbnails, bad queries, no path traversal."""
+"""The search service through Starlette's TestClient: page, JSON API, thumbnails, bad queries, no path traversal."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("faiss")
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 pytest.importorskip("httpx")  # TestClient
 
-from fastapi.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
 
 from vlprompt.cli.main import build_parser  # noqa: E402
 from vlprompt.index.search import SearchIndex  # noqa: E402

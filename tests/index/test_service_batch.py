@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 pytest.importorskip("faiss")
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 pytest.importorskip("httpx")  # TestClient
 
-from fastapi.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
 
 from vlprompt.errors import ConfigError, DataError  # noqa: E402
 from vlprompt.index.search import Hit, SearchIndex  # noqa: E402

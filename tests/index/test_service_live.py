@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.util
 import socket
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("faiss")
-pytest.importorskip("fastapi")
+pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
 from vlprompt.index.service import (  # noqa: E402
@@ -31,12 +32,15 @@ from vlprompt.index.service import (  # noqa: E402
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def live(index: Any) -> Iterator[tuple[Any, int]]:
-    """The server and its port."""
+PROTOCOLS = ["h11"] + (["httptools"] if importlib.util.find_spec("httptools") else [])
+
+
+@pytest.fixture(scope="module", params=PROTOCOLS)
+def live(index: Any, request: pytest.FixtureRequest) -> Iterator[tuple[Any, int]]:
+    """The server and its port, with each bounded HTTP protocol installed."""
     sock = socket.socket()  # proto 0, as handed-over sockets often are: asyncio leaves Nagle on for these
     sock.bind(("127.0.0.1", 0))  # the server takes over this socket: no race for the port
-    server = uvicorn.Server(server_config(create_app(index), log_level="error"))
+    server = uvicorn.Server(server_config(create_app(index), log_level="error", http=request.param))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -82,6 +86,11 @@ CASES = {
     "1 MB body": (get(b"/", body=b"b" * 1_000_000, method=b"POST"), 413, b"reads no request body"),
     "not HTTP": (b"\x00\x01 hello\r\n\r\n", 400, b"not a valid HTTP request"),
     "a good query": (get(b"/api/search?q=a+red+star&k=2"), 200, b'"rank":2'),
+    "a head just under the limit": (
+        get(b"/healthz", b"X-Big: " + b"h" * (MAX_HEAD_BYTES - 200) + b"\r\n"),
+        200,
+        b'"ok":true',
+    ),
 }
 
 
@@ -92,6 +101,18 @@ def test_requests_of_any_size_get_a_status_and_a_message(port: int, case: str) -
     assert got == status and message in body, (case, got, body[:200])
     assert len(body) < 30_000  # never the request echoed back
     assert b"y" * (MAX_QUERY_CHARS + 1) not in body
+
+
+def test_pipelined_requests_are_each_answered(port: int) -> None:
+    """Requests sent back to back in one write (the second's head follows the first's in the same chunk) are
+    each answered in turn, the head limit counting each head on its own."""
+    one = b"GET /api/search?q=a+red+star&k=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 40_000 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(one + one + get(b"/healthz"))
+        data = b""
+        while chunk := conn.recv(1 << 16):
+            data += chunk
+    assert data.count(b"HTTP/1.1 200") == 3 and data.count(b'"rank":1') == 2, data[:300]
 
 
 def test_serve_uses_the_bounded_server(index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import argparse
 import ipaddress
 
 from vlprompt.errors import ConfigError
-from vlprompt.index.service import MAX_BATCH, MAX_QUEUE  # fastapi and uvicorn are imported only to serve
+from vlprompt.index.service import MAX_BATCH, MAX_QUEUE  # starlette and uvicorn are imported only to serve
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,4 +1,4 @@
-"""The search service: a FastAPI app with one web page (type a query, see the top results as thumbnails).
+"""The search service: a Starlette app with one web page (type a query, see the top results as thumbnails).
 
 Routes: ``/`` (the page; ``?q=TEXT&k=10`` or ``?like=ROW``), ``/api/search`` (the same as JSON), ``/thumb/ROW``
 (a JPEG thumbnail of item ROW; a strip of frames for a video), ``/healthz``. The page is rendered on the server
@@ -80,13 +80,13 @@ RETRY_AFTER = 1
 log = logging.getLogger("vlprompt.serve")
 
 
-def import_fastapi() -> Any:
-    """Import fastapi, or say which extra installs it."""
+def import_starlette() -> Any:
+    """Import starlette, or say which extra installs it."""
     try:
-        import fastapi
+        import starlette
     except ImportError as err:
-        raise ConfigError("the search service needs fastapi and uvicorn: pip install 'vlprompt[serve]'") from err
-    return fastapi
+        raise ConfigError("the search service needs starlette and uvicorn: pip install 'vlprompt[serve]'") from err
+    return starlette
 
 
 # ---- queries ------------------------------------------------------------------------------------------
@@ -476,20 +476,25 @@ def create_app(
     threads: int | None = None,
     gather_s: float = GATHER_SECONDS,
 ) -> Any:
-    """The FastAPI app serving ``index``; searches go through a :class:`QueryBatcher` (``app.state.batcher``)."""
-    fastapi = import_fastapi()
-    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    """The Starlette app serving ``index``; searches go through a :class:`QueryBatcher` (``app.state.batcher``).
+
+    Plain Starlette routes: every parameter is a string checked here (:func:`parse_query`), so a framework's
+    validation layer would only add work to each request (FastAPI's cost about 50 us of the ~1 ms per search).
+    """
+    import_starlette()
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
 
     batcher = QueryBatcher(index, max_queue, max_batch, gather_s, threads)
+    thumbs = ThumbnailCache(index)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
         batcher.close()  # the server is stopping: refuse what still waits, let the worker finish its batch
-
-    app = fastapi.FastAPI(title="vlprompt search", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.batcher = batcher
-    thumbs = ThumbnailCache(index)
 
     def refusal(path: str, status: int, message: str, **kwargs: Any) -> Response:
         """``message`` in the form the route speaks: JSON for the API, the page for ``/``, else plain text."""
@@ -498,8 +503,6 @@ def create_app(
         if path == "/":
             return HTMLResponse(render_page(index, "", 10, [], message, "error"), status_code=status, **kwargs)
         return PlainTextResponse(message, status_code=status, **kwargs)
-
-    app.add_middleware(_Limits, refusal=refusal)
 
     async def answer(q: str | None, k: str | None, like: str | None) -> Answer:
         try:
@@ -517,8 +520,8 @@ def create_app(
                           "error")  # fmt: skip
         return Answer(200, hits, note, "note" if note else "info")
 
-    @app.get("/", response_class=HTMLResponse)
-    async def page(q: str | None = None, k: str | None = None, like: str | None = None) -> HTMLResponse:
+    async def page(request: Request) -> HTMLResponse:
+        q, k, like = (request.query_params.get(name) for name in ("q", "k", "like"))
         try:
             n = parse_k(k)
         except QueryError:
@@ -531,8 +534,8 @@ def create_app(
         body = render_page(index, q or "", n, got.hits, got.message, got.kind, like_row)
         return HTMLResponse(body, status_code=got.status, headers=got.headers)
 
-    @app.get("/api/search")
-    async def api(q: str | None = None, k: str | None = None, like: str | None = None) -> JSONResponse:
+    async def api(request: Request) -> JSONResponse:
+        q, k, like = (request.query_params.get(name) for name in ("q", "k", "like"))
         got = await answer(q, k, like)
         if got.status != 200:
             return JSONResponse({"error": got.message}, status_code=got.status, headers=got.headers)
@@ -541,33 +544,50 @@ def create_app(
         return JSONResponse({"query": q if row is None else None, "like": row, "note": got.message,
                              "results": results})  # fmt: skip
 
-    @app.get("/thumb/{row}")
-    def thumb(row: str) -> Response:
-        n = ascii_int(row)
+    def thumb(request: Request) -> Response:  # sync: rendering runs in the thread pool, off the event loop
+        n = ascii_int(request.path_params["row"])
         data = thumbs.get(n) if n is not None else None
         if data is None:
             return Response("no thumbnail for this item", status_code=404, media_type="text/plain")
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
-    @app.get("/favicon.ico")
-    def favicon() -> Response:
+    async def favicon(request: Request) -> Response:
         return Response(status_code=204)  # browsers ask for one; no icon is better than a logged 404
 
-    @app.get("/healthz")
-    def health() -> dict[str, Any]:
-        return {"ok": True, "items": len(index), "index": index.kind}
+    async def health(request: Request) -> JSONResponse:
+        return JSONResponse({"ok": True, "items": len(index), "index": index.kind})
 
+    routes = [Route("/", page), Route("/api/search", api), Route("/thumb/{row}", thumb),
+              Route("/favicon.ico", favicon), Route("/healthz", health)]  # fmt: skip
+    app = Starlette(routes=routes, middleware=[Middleware(_Limits, refusal=refusal)], lifespan=lifespan)
+    app.state.batcher = batcher
     return app
 
 
 # ---- the server ---------------------------------------------------------------------------------------
-def _refusal_text(buffered: bytes) -> tuple[int, str]:
-    """Status and message for a request the HTTP parser refused, from the bytes it could not parse."""
+REFUSALS = {
+    400: "This is not a valid HTTP request.",
+    414: TOO_LONG,
+    431: f"The request headers are too large (the request head may take at most {MAX_HEAD_BYTES} bytes).",
+}
+
+
+def _refusal_status(buffered: bytes) -> int:
+    """The status for a request h11 refused, from the bytes it could not parse: 414 when the request line itself
+    is over ``MAX_HEAD_BYTES``, 431 when the headers are, else 400 (not HTTP)."""
     if len(buffered) <= MAX_HEAD_BYTES:
-        return 400, "This is not a valid HTTP request."
-    if b"\n" not in buffered.lstrip(b"\r\n")[:MAX_HEAD_BYTES]:  # the request line itself is over the limit
-        return 414, TOO_LONG
-    return 431, f"The request headers are too large (the request head may take at most {MAX_HEAD_BYTES} bytes)."
+        return 400
+    return 414 if b"\n" not in buffered.lstrip(b"\r\n")[:MAX_HEAD_BYTES] else 431
+
+
+def refusal_bytes(status: int) -> bytes:
+    """A whole HTTP answer refusing a request head with ``status`` (400, 414 or 431) and the message saying why."""
+    text = REFUSALS[status].encode()
+    head = (
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(text)}\r\nconnection: close\r\nx-content-type-options: nosniff\r\n\r\n"
+    )
+    return head.encode() + text
 
 
 class _LingeringTransport:
@@ -629,51 +649,113 @@ def set_nodelay(transport: asyncio.BaseTransport) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-_PROTOCOL: type | None = None
+class _Bounded:
+    """What both HTTP protocols add to uvicorn's: Nagle off, lingering closes (:class:`_LingeringTransport`),
+    and a refused request head answered with :func:`refusal_bytes` instead of a bare 400."""
+
+    transport: Any
+    loop: asyncio.AbstractEventLoop
+    logger: logging.Logger
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        set_nodelay(transport)
+        super().connection_made(_LingeringTransport(transport, self.loop))  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.lingering:
+            self.transport.drop(data)
+        else:
+            super().data_received(data)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def shutdown(self) -> None:
+        if self.transport.lingering:  # the server is stopping: it need not wait for this client
+            self.transport.close_now()
+        else:
+            super().shutdown()  # type: ignore[misc]
+
+    def refuse(self, status: int) -> None:
+        self.logger.warning("refused a request: %s", REFUSALS[status])
+        self.transport.write(refusal_bytes(status))
+        self.transport.close()
 
 
-def http_protocol() -> type:
-    """uvicorn's h11 protocol with :class:`_LingeringTransport` closes, and a refused request head (over
-    ``MAX_HEAD_BYTES``, or not HTTP) answered with a status and message saying why instead of a bare 400."""
-    global _PROTOCOL
-    if _PROTOCOL is not None:
-        return _PROTOCOL
-    import h11
+_PROTOCOLS: dict[str, type] = {}
+
+
+def http_protocol(kind: str | None = None) -> type:
+    """uvicorn's HTTP protocol, bounded (:class:`_Bounded`): ``"httptools"`` (its C parser; the default where it
+    is installed, as with the ``serve`` extra) or ``"h11"`` (pure Python, slower). A request head over
+    ``MAX_HEAD_BYTES`` gets a 414 (the request line) or 431 (the headers), bytes that are not HTTP a 400."""
+    if kind is None:
+        try:
+            import httptools  # noqa: F401
+
+            kind = "httptools"
+        except ImportError:
+            kind = "h11"
+    if kind not in _PROTOCOLS:
+        _PROTOCOLS[kind] = {"httptools": _httptools_protocol, "h11": _h11_protocol}[kind]()
+    return _PROTOCOLS[kind]
+
+
+def _h11_protocol() -> type:
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    class BoundedH11Protocol(H11Protocol):  # type: ignore[misc]
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            set_nodelay(transport)
-            super().connection_made(_LingeringTransport(transport, self.loop))
-
-        def data_received(self, data: bytes) -> None:
-            if self.transport.lingering:
-                self.transport.drop(data)
-            else:
-                super().data_received(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.transport.cancel()
-            super().connection_lost(exc)
-
-        def shutdown(self) -> None:
-            if self.transport.lingering:  # the server is stopping: it need not wait for this client
-                self.transport.close_now()
-            else:
-                super().shutdown()
+    class BoundedH11Protocol(_Bounded, H11Protocol):  # type: ignore[misc]
+        """h11 bounds the head itself (``h11_max_incomplete_event_size``, :func:`server_config`)."""
 
         def send_400_response(self, msg: str) -> None:
-            status, text = _refusal_text(self.conn.trailing_data[0])
-            self.logger.warning("refused a request: %s", text)
-            headers = [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close"),
-                       (b"x-content-type-options", b"nosniff")]  # fmt: skip
-            start = h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase.encode())
-            for event in (start, h11.Data(data=text.encode()), h11.EndOfMessage()):
-                self.transport.write(self.conn.send(event))
-            self.transport.close()
+            self.refuse(_refusal_status(self.conn.trailing_data[0]))
 
-    _PROTOCOL = BoundedH11Protocol
-    return _PROTOCOL
+    return BoundedH11Protocol
+
+
+def _httptools_protocol() -> type:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class BoundedHttpToolsProtocol(_Bounded, HttpToolsProtocol):  # type: ignore[misc]
+        """httptools parses a head of any length: the bytes of the head being read are counted here, and at most
+        ``MAX_HEAD_BYTES`` of them reach the parser before the request is refused. Counting is per chunk
+        received: a pipelined head that begins in the chunk which ended the previous head is counted from the
+        next chunk on (at most twice the limit is read into it)."""
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._head_bytes, self._in_head, self._line_done, self._heads = 0, True, False, 0
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            if not self._in_head or self.transport.lingering:
+                super().data_received(data)
+                return
+            room = MAX_HEAD_BYTES - self._head_bytes
+            fits, heads = data[:room], self._heads
+            self._head_bytes += len(fits)
+            self._line_done = self._line_done or b"\n" in fits
+            super().data_received(fits)
+            if len(data) <= room or self.transport.is_closing():  # all read, or refused by the parser (not HTTP)
+                return
+            if self._in_head and self._heads == heads:  # one head goes on past the limit
+                self.refuse(431 if self._line_done else 414)
+            else:  # a head ended within the limit: the rest is its body or the next request
+                self.data_received(data[room:])
+
+        def on_headers_complete(self) -> None:
+            self._head_bytes, self._in_head, self._line_done = 0, False, False
+            self._heads += 1
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self._in_head = True  # what comes next is the next request's head
+            super().on_message_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            self.refuse(400)
+
+    return BoundedHttpToolsProtocol
 
 
 def import_uvicorn() -> Any:
@@ -681,7 +763,7 @@ def import_uvicorn() -> Any:
     try:
         import uvicorn
     except ImportError as err:
-        raise ConfigError("the search service needs fastapi and uvicorn: pip install 'vlprompt[serve]'") from err
+        raise ConfigError("the search service needs starlette and uvicorn: pip install 'vlprompt[serve]'") from err
     return uvicorn
 
 
@@ -698,11 +780,14 @@ def event_loop() -> str:
     return "uvloop"
 
 
-def server_config(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Any:
-    """The uvicorn config that serves ``app``: the bounded protocol (:func:`http_protocol`) and head limit, the
-    fastest event loop installed (:func:`event_loop`) and no WebSocket upgrades (the app has no such route)."""
+def server_config(
+    app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", http: str | None = None
+) -> Any:
+    """The uvicorn config that serves ``app``: the fastest bounded protocol installed (:func:`http_protocol`;
+    ``http`` names one) and its head limit, the fastest event loop installed (:func:`event_loop`) and no
+    WebSocket upgrades (the app has no such route)."""
     return import_uvicorn().Config(
-        app, host=host, port=port, log_level=log_level, http=http_protocol(), loop=event_loop(),
+        app, host=host, port=port, log_level=log_level, http=http_protocol(http), loop=event_loop(),
         h11_max_incomplete_event_size=MAX_HEAD_BYTES, ws="none",
     )  # fmt: skip
 
@@ -723,7 +808,7 @@ def serve(
     ``max_queue`` and ``max_batch`` bound the waiting queries and a batch (:class:`QueryBatcher`); ``threads``
     is the encoder's torch threads (None: :func:`default_threads`).
     """
-    import_fastapi()
+    import_starlette()
     uvicorn = import_uvicorn()
     index = SearchIndex(index_dir, device, media_root=media_root)
     app = create_app(index, max_queue, max_batch, threads if threads is not None else default_threads())
