@@ -20,6 +20,7 @@ pytest.importorskip("faiss")
 pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
+from vlprompt.errors import ConfigError  # noqa: E402
 from vlprompt.index.service import (  # noqa: E402
     MAX_HEAD_BYTES,
     MAX_QUERY_CHARS,
@@ -129,6 +130,9 @@ def test_serve_uses_the_bounded_server(index_dir: Path, monkeypatch: pytest.Monk
         gc.unfreeze()
     (config,) = started
     assert config.http is http_protocol() and config.h11_max_incomplete_event_size == MAX_HEAD_BYTES
+    assert config.http is http_protocol(PROTOCOLS[-1])  # httptools, the faster parser, wherever it is installed
+    with pytest.raises(ConfigError, match="unknown HTTP protocol 'h2'"):
+        http_protocol("h2")
     assert config.loop == event_loop()
     assert (config.host, config.port) == ("127.0.0.1", 8123)
     batcher = config.app.state.batcher

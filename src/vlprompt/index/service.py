@@ -697,8 +697,11 @@ def http_protocol(kind: str | None = None) -> type:
             kind = "httptools"
         except ImportError:
             kind = "h11"
+    makers = {"httptools": _httptools_protocol, "h11": _h11_protocol}
+    if kind not in makers:
+        raise ConfigError(f"unknown HTTP protocol {kind!r}: choose one of {sorted(makers)}")
     if kind not in _PROTOCOLS:
-        _PROTOCOLS[kind] = {"httptools": _httptools_protocol, "h11": _h11_protocol}[kind]()
+        _PROTOCOLS[kind] = makers[kind]()
     return _PROTOCOLS[kind]
 
 
