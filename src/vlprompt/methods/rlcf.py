@@ -89,7 +89,10 @@ class RewardEncoder(nn.Module):
         return self.model.logit_scale.device
 
     def encode_image(self, images: Tensor) -> Tensor:
-        return self.model.encode_image(images)
+        # reduced-precision weights (backbone.precision bf16, fp16...) take the images in their own dtype, as the
+        # policy's tower does; open_clip's encode_image does not cast them
+        conv = next((m for m in self.model.visual.modules() if isinstance(m, nn.Conv2d)), None)
+        return self.model.encode_image(images if conv is None else images.to(conv.weight.dtype))
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         tokens = self.tokenizer(list(texts)).to(self.device)
