@@ -83,7 +83,8 @@ def prompt_interaction(module: nn.Module, n_tokens: int, depth: int) -> Between 
     def between(layer: int, xv: Tensor, xt: Tensor) -> tuple[Tensor, Tensor]:
         if not 1 <= layer < depth:
             return xv, xt
-        v, t = module(layer, xv[:, 1 : 1 + n_tokens], xt[:, 1 : 1 + n_tokens])
+        dtype = next(module.parameters()).dtype  # a reduced-precision tower (bf16) meets a float32 module
+        v, t = module(layer, xv[:, 1 : 1 + n_tokens].to(dtype), xt[:, 1 : 1 + n_tokens].to(dtype))
         return _write(xv, v), _write(xt, t)
 
     return between
