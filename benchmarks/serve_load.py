@@ -3,6 +3,7 @@
     python benchmarks/serve_load.py                                  # a small embedded world, vlprompt-tiny
     python benchmarks/serve_load.py --index idx/world_test --requests 2000 --repeats 3 --out serve.json
     PYTHONPATH=/tmp/wt_before/src python benchmarks/serve_load.py   # another version of the service, same load
+    python benchmarks/serve_load.py --against /tmp/wt_before/src     # this version and another, side by side
 
 The service runs as ``python -m vlprompt serve INDEX --host 127.0.0.1 --device cpu --log-level warning`` in its
 own process (``--serve-arg`` adds flags), so the version measured is whichever ``vlprompt`` the Python path
@@ -15,7 +16,10 @@ service, so it should cost as little as possible. Latency is from sending a requ
 answer; an error is any answer other than 200 (counted by status) or a failed connection. The service's CPU
 time per answered request (from /proc, Linux) is reported too: on a machine shared with other work it moves much
 less than requests/s. With ``--repeats`` each level's figures are the medians over the repeats (errors summed);
-the machine's load average before and after is recorded beside them.
+the machine's load average before and after is recorded beside them. With ``--against PYTHONPATH`` a second service
+(the version that Python path finds first) runs beside this one and the two are measured in turn, level by level
+and repeat by repeat, so that both see the same machine: requests/s on a shared machine moves by tens of percent
+within an hour, which makes back-to-back runs of two versions hard to compare.
 """
 
 from __future__ import annotations
@@ -68,11 +72,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(index: Path, port: int, extra: list[str], log: Path) -> subprocess.Popen:
-    """``vlprompt serve`` in its own process, once ``/healthz`` answers."""
+def start_server(
+    index: Path, port: int, extra: list[str], log: Path, pythonpath: str | None = None
+) -> subprocess.Popen:
+    """``vlprompt serve`` in its own process (``pythonpath`` first on its path), once ``/healthz`` answers."""
     cmd = [sys.executable, "-m", "vlprompt", "serve", str(index), "--host", "127.0.0.1", "--port", str(port),
            "--device", "cpu", "--log-level", "warning", *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -195,6 +204,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=10, help="results per query")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as an error")
     parser.add_argument("--serve-arg", action="append", default=[], help="a flag for `vlprompt serve` (repeatable)")
+    parser.add_argument(
+        "--against",
+        default=None,
+        metavar="PYTHONPATH",
+        help="also serve the version this Python path finds first, measured in turn with this one",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -202,22 +217,28 @@ def main() -> None:
         tmp = Path(tmp_dir)
         index = args.index or build_small_index(tmp)
         targets = ["/api/search?" + urlencode({"q": q, "k": args.k}) for q in captions(index)]
-        port = free_port()
         load_before = os.getloadavg()
-        server = start_server(index, port, args.serve_arg, tmp / "serve.log")
+        versions = {"this": None, **({"against": args.against} if args.against else {})}
+        servers: dict[str, tuple[int, subprocess.Popen]] = {}
+        runs: dict[str, dict[int, list[dict[str, Any]]]] = {name: {c: [] for c in args.clients} for name in versions}
         try:
-            runs: dict[int, list[dict[str, Any]]] = {c: [] for c in args.clients}
+            for name, path in versions.items():
+                port = free_port()
+                servers[name] = port, start_server(index, port, args.serve_arg, tmp / f"{name}.log", path)
             for _ in range(args.repeats):
                 for clients in args.clients:
-                    asyncio.run(load(port, targets, clients, args.warmup, args.max_seconds, args.timeout))
-                    runs[clients].append(
-                        asyncio.run(
-                            load(port, targets, clients, args.requests, args.max_seconds, args.timeout, server.pid)
+                    for name, (port, server) in servers.items():
+                        asyncio.run(load(port, targets, clients, args.warmup, args.max_seconds, args.timeout))
+                        runs[name][clients].append(
+                            asyncio.run(
+                                load(port, targets, clients, args.requests, args.max_seconds, args.timeout, server.pid)
+                            )
                         )
-                    )
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            for _, server in servers.values():
+                server.terminate()
+            for _, server in servers.values():
+                server.wait(timeout=30)
         manifest = json.loads((index / "manifest.json").read_text())
         emit(
             {
@@ -237,7 +258,17 @@ def main() -> None:
                     "queries": len(targets),
                     "serve_args": args.serve_arg,
                 },
-                "levels": {str(c): median_run(r) for c, r in runs.items()},
+                "levels": {str(c): median_run(r) for c, r in runs["this"].items()},
+                **(
+                    {
+                        "against": {
+                            "pythonpath": args.against,
+                            "levels": {str(c): median_run(r) for c, r in runs["against"].items()},
+                        }
+                    }
+                    if args.against
+                    else {}
+                ),
                 "loadavg": {
                     "before": [round(x, 2) for x in load_before],
                     "after": [round(x, 2) for x in os.getloadavg()],
