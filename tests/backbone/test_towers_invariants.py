@@ -1,0 +1,177 @@
+"""Tower and plan invariants that a one-line change would break (issue 14, mutation testing): per-frame token
+tiling, which models get the end-of-text truncation (paired runs included), the reduced-precision cast of the text
+embeddings, linear text projections, final tokens only when asked for, and that ``run_paired`` applies every part
+of both plans (masks, depth checks, deep suffix prompts) and handles towers of different depths."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+import vlprompt
+from vlprompt.backbone import PromptPlan
+from vlprompt.backbone import towers as towers_module
+from vlprompt.backbone.plan import batched
+
+from .test_towers import _close, _differs, images, tiny  # noqa: F401  (fixtures)
+
+VISION_CFG = dict(width=64, patch_size=32, image_size=64, head_width=32)
+
+
+def _clip(vision_layers: int, text_layers: int, custom: bool = False, **text_extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    vision_cfg = dict(layers=vision_layers, **VISION_CFG)
+    text_cfg = dict(context_length=8, vocab_size=50, width=64, heads=2, layers=text_layers, **text_extra)
+    return (open_clip.CustomTextCLIP if custom else open_clip.CLIP)(32, vision_cfg, text_cfg).eval()
+
+
+def _neutral(layer, xv, xt):
+    return xv, xt
+
+
+# ---- plan.batched ------------------------------------------------------------------------------------------
+
+
+def test_per_frame_tokens_are_tiled_even_when_their_count_equals_the_batch():
+    """``[T, n, D]`` per-frame tokens for ``B*T`` frames (frame-major) are tiled B times, whatever ``n`` is."""
+    tokens = torch.randn(2, 4, 3)  # T=2 frames, n=4 tokens == batch B*T=4
+    out = batched(tokens, 4)
+    assert out.shape == (4, 4, 3)
+    assert torch.equal(out, tokens.repeat(2, 1, 1))
+    assert torch.equal(batched(tokens[:1], 4), tokens[:1].expand(4, -1, -1))
+
+
+# ---- text tower: truncation, cast, projection, returned tokens ---------------------------------------------
+
+
+def test_eos_pooled_text_models_are_truncated_after_the_last_end_of_text():
+    """Causal models pooling the first ``eos_id`` also cut the sequence after the last end-of-text before the blocks
+    (much less work), with open_clip's result."""
+    model = _clip(1, 2, pool_type="eos", eos_id=3)
+    tower = towers_module.TextTower(model)
+    assert tower.causal and tower.pool_type == "eos"
+    tokens = torch.tensor([[1, 5, 3, 9, 0, 0, 0, 0], [1, 3, 4, 0, 0, 0, 0, 0]])  # end-of-text at 2 and 1
+    seen = []
+    hook = tower.blocks[0].ln_1.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    try:
+        with torch.no_grad():
+            out = tower(tokens)
+    finally:
+        hook.remove()
+    assert seen == [3]
+    with torch.no_grad():
+        _close(out.pooled, model.encode_text(tokens))
+
+
+def test_reduced_precision_text_embeddings_take_the_transformers_dtype():
+    """With open_clip's ``bf16`` precision the embeddings stay float32 and are cast to the blocks' dtype, as
+    ``encode_text`` does; the tower's output is bf16 and matches open_clip's to bf16 tolerance."""
+    torch.manual_seed(0)
+    bb = vlprompt.load_backbone("vlprompt-tiny", pretrained=None, precision="bf16").eval()
+    m = bb.model
+    assert m.token_embedding.weight.dtype == torch.float32 and m.transformer.get_cast_dtype() == torch.bfloat16
+    tokens = bb.tokenize(["a dog", "two cats on the grass"])
+    with torch.no_grad():
+        out, want = bb.text(tokens).pooled, m.encode_text(tokens)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), atol=0.1, rtol=0.05)
+
+
+def test_linear_text_projection_is_applied_as_a_module():
+    """Text transformers with a biased projection (``proj_bias``) hold an ``nn.Linear``; the tower calls it."""
+    model = _clip(1, 2, custom=True, proj_bias=True)
+    assert isinstance(model.text.text_projection, torch.nn.Linear)
+    tokens = torch.tensor([[1, 5, 7, 49, 0, 0, 0, 0], [1, 49, 4, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        _close(towers_module.TextTower(model)(tokens).pooled, model.encode_text(tokens))
+
+
+def test_final_tokens_come_back_only_when_asked_for(tiny, images):  # noqa: F811
+    tokens = tiny.tokenize(["a dog", "two cats"])
+    with torch.no_grad():
+        assert tiny.text(tokens).tokens is None
+        assert tiny.text(tokens, return_tokens=True).tokens.shape == (2, tiny.context_length, tiny.text_width)
+        assert tiny.vision(images).tokens is None
+        vis, txt = towers_module.run_paired(tiny.vision, tiny.text, images, tokens, None, None, _neutral)
+    assert vis.tokens is not None  # the paired vision output carries its tokens for dense heads, text does not
+    assert txt.tokens is None
+
+
+# ---- run_paired -------------------------------------------------------------------------------------------
+
+
+def test_paired_hook_sees_the_text_truncated_after_the_last_end_of_text(tiny, images):  # noqa: F811
+    tokens = tiny.tokenize(["x x a red square", "x x dog"])
+    keep = int(tokens.argmax(dim=-1).max()) + 1
+    lengths = []
+
+    def record(layer, xv, xt):
+        lengths.append(xt.shape[1])
+        return xv, xt
+
+    with torch.no_grad():
+        _, txt = towers_module.run_paired(tiny.vision, tiny.text, images, tokens, None, None, record)
+        _close(txt.pooled, tiny.text(tokens).pooled)
+    assert lengths == [keep] * tiny.text.num_layers
+
+
+def test_paired_towers_apply_the_plans_attention_masks(tiny, images):  # noqa: F811
+    torch.manual_seed(21)
+    tokens = tiny.tokenize(["x x a red square", "x x dog"])
+    lv, lt = 65 + 2, tiny.context_length
+    vmask = (torch.rand(lv, lv) > 0.5) | torch.eye(lv, dtype=torch.bool)
+    tmask = (torch.rand(lt, lt) > 0.3) | torch.eye(lt, dtype=torch.bool)
+    vplan = PromptPlan(insert=torch.randn(2, tiny.vision_width), attn_mask=vmask)
+    tplan = PromptPlan(replace={0: torch.randn(2, tiny.text_width)}, attn_mask=tmask)
+    with torch.no_grad():
+        vis, txt = towers_module.run_paired(tiny.vision, tiny.text, images, tokens, vplan, tplan, _neutral)
+        want_v, want_t = tiny.vision(images, vplan).pooled, tiny.text(tokens, tplan).pooled
+        _close(vis.pooled, want_v)
+        _close(txt.pooled, want_t)
+        _differs(want_v, tiny.vision(images, PromptPlan(insert=vplan.insert)).pooled)
+        _differs(want_t, tiny.text(tokens, PromptPlan(replace=tplan.replace)).pooled)
+
+
+def test_paired_towers_apply_deep_suffix_prompts(tiny, images):  # noqa: F811
+    torch.manual_seed(22)
+    tokens = tiny.tokenize(["x x a red square", "x x dog"])
+    d = tiny.text_width
+    tplan = PromptPlan(suffix={0: torch.randn(2, d), 2: torch.randn(2, d)})
+    with torch.no_grad():
+        _, txt = towers_module.run_paired(tiny.vision, tiny.text, images, tokens, None, tplan, _neutral)
+        want = tiny.text(tokens, tplan).pooled
+        _close(txt.pooled, want)
+        _differs(want, tiny.text(tokens, PromptPlan(suffix={0: tplan.suffix[0]})).pooled)
+
+
+def test_paired_plans_beyond_a_towers_depth_raise(tiny, images):  # noqa: F811
+    tokens = tiny.tokenize(["a", "b"])
+    deep_v = PromptPlan(replace={tiny.vision.num_layers: torch.zeros(1, tiny.vision_width)})
+    deep_t = PromptPlan(add={tiny.text.num_layers: torch.zeros(1, tiny.text_width)})
+    with pytest.raises(ValueError, match="layer"):
+        towers_module.run_paired(tiny.vision, tiny.text, images, tokens, deep_v, None, _neutral)
+    with pytest.raises(ValueError, match="layer"):
+        towers_module.run_paired(tiny.vision, tiny.text, images, tokens, None, deep_t, _neutral)
+
+
+@pytest.mark.parametrize("vision_layers,text_layers", [(1, 2), (2, 1)])
+def test_paired_towers_of_different_depths(vision_layers, text_layers):
+    """Layers past the shorter tower's depth run the longer tower alone: the hook sees only the shared layers and
+    both outputs equal the towers' own forwards."""
+    model = _clip(vision_layers, text_layers)
+    vision, text = towers_module.VisionTower(model.visual), towers_module.TextTower(model)
+    torch.manual_seed(3)
+    pixels = torch.randn(2, 3, 64, 64)
+    tokens = torch.tensor([[1, 5, 7, 49, 0, 0, 0, 0], [1, 49, 4, 0, 0, 0, 0, 0]])
+    layers = []
+
+    def record(layer, xv, xt):
+        layers.append(layer)
+        return xv, xt
+
+    with torch.no_grad():
+        vis, txt = towers_module.run_paired(vision, text, pixels, tokens, None, None, record)
+        _close(vis.pooled, vision(pixels).pooled)
+        _close(txt.pooled, text(tokens).pooled)
+    assert layers == list(range(min(vision_layers, text_layers)))
