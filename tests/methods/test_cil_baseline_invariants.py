@@ -35,6 +35,30 @@ def test_num_classes_is_zero_before_setup_and_task_range_is_checked():
         method.set_current_task(3)
 
 
+@pytest.mark.parametrize("num_tasks", [0, 1, 3])
+def test_a_new_method_holds_empty_non_persistent_buffers_until_setup(num_tasks):
+    """Before ``setup``: task 0 current, no classes, empty anchors ``[0, D]`` and an empty long class-to-task map,
+    both buffers (they follow ``.to()``) but not in the state dict (``setup`` rebuilds them from the class split);
+    ``num_tasks`` as given, at least 1."""
+    from vlprompt.backbone import load_backbone
+    from vlprompt.methods import build_method
+
+    backbone = load_backbone("vlprompt-tiny", None)
+    method = build_method({"name": "zeroshot_cil", "num_tasks": num_tasks}, backbone)
+    assert method.num_tasks == max(1, num_tasks or 0)
+    assert method.current_task == 0 and method.offsets == [] and method.num_classes == 0
+    buffers = dict(method.named_buffers())
+    assert buffers["text_anchors"].shape == (0, backbone.embed_dim)
+    assert buffers["class_task"].shape == (0,) and buffers["class_task"].dtype == torch.long
+    state = method.state_dict()
+    assert not any(k.endswith(("text_anchors", "class_task")) for k in state)
+    split_sizes = [2, 2, 2][: method.num_tasks] if num_tasks else [2]
+    method.setup(split_sizes, F.normalize(torch.randn(sum(split_sizes), backbone.embed_dim), dim=-1))
+    assert method.class_task.dtype == torch.long and method.class_task.tolist() == sum(
+        ([t] * n for t, n in enumerate(split_sizes)), []
+    )
+
+
 @pytest.mark.parametrize("head", ["linear", "cosine"])
 def test_learned_heads_bias_and_text_init(head: str):
     method = tiny_cil("zeroshot_cil", head=head, head_init="text").method
