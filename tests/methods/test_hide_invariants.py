@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vlprompt.backbone import load_backbone
 from vlprompt.methods import build_method, hide
@@ -21,19 +20,7 @@ from vlprompt.methods.hide import HiDeOptions
 from vlprompt.methods.task_inference import contrastive_regularizer, fit_classifier
 from vlprompt.prompts.dualprompt import prefix_plan
 
-from .cil_helpers import SMALL, tiny_cil
-
-
-class FixedLogits(nn.Module):
-    """A stand-in TII head returning given class logits for every query (no parameters: nothing to train)."""
-
-    def __init__(self, logits: list[float]) -> None:
-        super().__init__()
-        self.logits = torch.tensor(logits)
-
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        return self.logits.expand(len(query), -1)
-
+from .cil_helpers import SMALL, FixedLogits, tiny_cil
 
 TO_TASK_0 = [9.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # class 0 wins: the TII routes every sample to task 0
 TO_TASK_1 = [0.0, 0.0, 9.0, 0.0, 0.0, 0.0]  # class 2 wins: task 1

@@ -7,22 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from vlprompt.prompts.dualprompt import prefix_plan
 
-from .cil_helpers import tiny_cil
-
-
-class FixedLogits(nn.Module):
-    """A stand-in TII head returning given logits for every query."""
-
-    def __init__(self, logits: list[float]) -> None:
-        super().__init__()
-        self.logits = torch.tensor(logits)
-
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        return self.logits.expand(len(query), -1)
+from .cil_helpers import FixedLogits, tiny_cil
 
 
 def _z(n: int, dim: int, seed: int = 0) -> torch.Tensor:
