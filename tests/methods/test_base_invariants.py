@@ -9,8 +9,11 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 import vlprompt
+from vlprompt.errors import ConfigError
 from vlprompt.methods import build_method
 from vlprompt.methods.base import Plans
+
+from .golden import build_backbone
 
 
 @pytest.fixture(scope="module")
@@ -70,13 +73,37 @@ def test_trainable_state_and_counts(tiny):
     assert counts["total"] == sum(p.numel() for p in tiny.model.parameters()) + 2 * tiny.text_width
 
 
-def test_word_embeddings_are_the_first_n_word_tokens_or_none(tiny):
+def test_word_embeddings_are_the_first_n_word_tokens(tiny):
     method = build_method({"name": "zeroshot"}, tiny)
     ids = tiny.tokenize(["a photo of a"])[0, 1:5]
     with torch.no_grad():
         torch.testing.assert_close(method.word_embeddings("a photo of a", 4), tiny.text.token_embedding(ids))
         torch.testing.assert_close(method.word_embeddings("a photo of a", 2), tiny.text.token_embedding(ids[:2]))
-    assert method.word_embeddings("a photo", 3) is None  # fewer word tokens than asked for
+        torch.testing.assert_close(method.word_embeddings("a photo", 2), tiny.text.token_embedding(ids[:2]))
+    with pytest.raises(ConfigError, match=r"ctx_init 'a photo' has 2 word tokens, fewer than n_ctx=3"):
+        method.word_embeddings("a photo", 3)
+
+
+@pytest.mark.parametrize("name", ["coop", "maple", "tpt"])
+@pytest.mark.parametrize("pool_type", ["argmax", "last"])
+def test_too_short_init_words_are_refused_whatever_token_the_tower_pools(name, pool_type):
+    """Where the words end is read from the tokens: a last-token-pooled (SigLIP-style) tower pools the final
+    position, and reading the words up to there would initialise the context from end-of-text and padding."""
+    torch.manual_seed(0)
+    text = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "pool_type": pool_type}
+    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16}
+    bb = build_backbone({"embed_dim": 32, "vision_cfg": vision, "text_cfg": text})
+    assert bb.text.pool_type == pool_type
+    method = build_method({"name": "zeroshot"}, bb)
+    with torch.no_grad():
+        words = bb.text.token_embedding(bb.tokenize(["a photo of a"])[0, 1:5])
+    torch.testing.assert_close(method.word_embeddings("a photo of a", 4), words)
+    with pytest.raises(ConfigError, match="fewer than n_ctx=4"):
+        build_method({"name": name, "n_ctx": 4, "ctx_init": "a photo"}, bb)
+    text_long = "a " * 20  # fills the context: every position after the start token but the last is a word
+    assert method.word_embeddings(text_long, 14).shape == (14, 64)
+    with pytest.raises(ConfigError, match="has 14 word tokens"):
+        method.word_embeddings(text_long, 15)
 
 
 def test_encoders_use_the_plans_they_are_given(tiny):

@@ -12,6 +12,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 
 from vlprompt.backbone import Backbone, PromptPlan
+from vlprompt.errors import ConfigError
 from vlprompt.registry import Registry
 
 METHODS: Registry[type[Method]] = Registry("method")
@@ -140,12 +141,17 @@ class Method(nn.Module):
             "total": sum(p.numel() for p in unique),
         }
 
-    def word_embeddings(self, words: str, n: int) -> Tensor | None:
-        """Embeddings of the first ``n`` tokens of ``words`` (CoOp's context init), or None if too short."""
+    def word_embeddings(self, words: str, n: int) -> Tensor:
+        """Embeddings of the first ``n`` word tokens of ``words`` (CoOp's context init).
+
+        Where the words end is read from the tokens (the first token that also follows the start token of an
+        empty text), not from the tower's pooled position: a last-token-pooled tower pools padding.
+        """
         tokens = self.backbone.tokenize([words])[0]
-        ids = tokens[1 : 1 + n]
-        end = int(self.backbone.text.pool_positions(tokens[None])[0])
-        if end - 1 < n:
-            return None
+        end_token = self.backbone.tokenize([""])[0, 1]
+        ends = (tokens[1:] == end_token).nonzero()
+        n_words = int(ends[0]) if len(ends) else len(tokens) - 1
+        if n_words < n:
+            raise ConfigError(f"ctx_init {words!r} has {n_words} word tokens, fewer than n_ctx={n}")
         with torch.no_grad():
-            return self.backbone.text.token_embedding(ids).float()
+            return self.backbone.text.token_embedding(tokens[1 : 1 + n]).float()

@@ -107,8 +107,6 @@ class ClassificationTTA(Method):
             init = load_context(o.ctx_load) if o.ctx_load else None
             if init is None and o.ctx_init:
                 init = self.word_embeddings(o.ctx_init, o.n_ctx)
-                if init is None:
-                    raise ConfigError(f"ctx_init {o.ctx_init!r} has fewer than n_ctx={o.n_ctx} tokens")
             self.context = TextContext(o.n_ctx, backbone.text_width, init)
             self.n_placeholders = o.n_ctx
         else:
