@@ -102,3 +102,31 @@ def test_orthogonality_sums_k_a_and_p_terms_of_the_seen_tasks_and_averages_layer
 def test_one_component_per_task_is_allowed():
     pool = CodaPromptPool(num_tasks=3, pool_size=3, num_layers=1, length=1, width=4, key_dim=4)
     assert pool.per_task == 1
+
+
+def test_every_layer_of_a_new_chunk_is_orthonormal_and_drawn_from_the_given_generator():
+    """Each prompted layer (not each component) gets its own Gram-Schmidt basis, and the random start vectors come
+    from ``generator`` alone, so a seeded continual run initialises every task the same way."""
+    chunks = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        pool = CodaPromptPool(num_tasks=2, pool_size=4, num_layers=3, length=1, width=3, key_dim=5)  # 3 layers, 2 each
+        generator = torch.Generator().manual_seed(7)
+        pool.begin_task(0, generator)
+        pool.begin_task(1, generator)
+        for params in (pool.p, pool.k, pool.a):
+            for layer in range(3):
+                rows = torch.cat([params[0][layer].flatten(1), params[1][layer].flatten(1)]).detach()
+                torch.testing.assert_close(rows @ rows.T, torch.eye(4), atol=1e-5, rtol=0)
+        chunks.append(torch.cat([pool.k[1].detach().flatten(), pool.p[1].detach().flatten()]))
+    assert torch.equal(chunks[0], chunks[1])
+
+
+def test_the_first_task_may_use_the_whole_space():
+    """Task 0 is orthogonalised against nothing: with one task, ``pool_size`` components fill a ``pool_size``-wide
+    key space exactly."""
+    pool = CodaPromptPool(num_tasks=1, pool_size=4, num_layers=1, length=1, width=2, key_dim=4)
+    pool.begin_task(0, torch.Generator().manual_seed(0))
+    for params in (pool.p, pool.k, pool.a):
+        rows = params[0][0].detach().flatten(1)
+        torch.testing.assert_close(rows @ rows.T, torch.eye(4), atol=1e-5, rtol=0)

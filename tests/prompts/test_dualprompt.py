@@ -114,3 +114,24 @@ def test_dualprompt_g_prompt_exists_only_with_layers_and_tokens():
     assert one.g is not None and one.g.shape == (1, 2, 1, 4) and float(one.g.detach().abs().sum()) == 0
     assert all(float(p.detach().abs().sum()) == 0 for p in one.e.prompts)  # init reaches the E-prompts too
     assert [tuple(k.shape) for k in one.e.keys] == [(3,), (3,)]  # E-prompts have keys of key_dim
+
+
+def test_copying_and_blending_start_from_the_task_just_before():
+    """HiDe's ``init_from_previous`` copies prompt *and* key from task ``t - 1``; momentum blends the new prompt
+    with the mean of all earlier ones; task 0 has nothing before it and is left alone by both."""
+    torch.manual_seed(0)
+    prompts = TaskPrefixPrompts(num_tasks=3, num_layers=1, length=2, width=3, key_dim=4, init="normal:1")
+    before = [p.detach().clone() for p in prompts.prompts]
+    keys = [k.detach().clone() for k in prompts.keys]
+    prompts.copy_previous(0)
+    prompts.blend_with_previous(0, momentum=0.5)
+    assert all(torch.equal(p, b) for p, b in zip(prompts.prompts, before, strict=True))
+    assert all(torch.equal(k, b) for k, b in zip(prompts.keys, keys, strict=True))
+    prompts.blend_with_previous(1, momentum=0.25)
+    torch.testing.assert_close(prompts.prompts[1].detach(), 0.75 * before[1] + 0.25 * before[0])
+    prompts.copy_previous(1)
+    assert torch.equal(prompts.prompts[1], prompts.prompts[0]) and torch.equal(prompts.keys[1], prompts.keys[0])
+    with torch.no_grad():
+        prompts.keys[1].add_(1.0)
+    prompts.copy_previous(2)
+    assert torch.equal(prompts.keys[2], prompts.keys[1]) and not torch.equal(prompts.keys[2], prompts.keys[0])

@@ -15,7 +15,7 @@ def test_shapes_and_parameter_count():
     torch.manual_seed(0)
     prompt = DecomposedPrompt(9, 16, 768, 512, 4)
     pv, pt = prompt()
-    assert pv.shape == (9, 16, 768) and pt.shape == (9, 16, 512)
+    assert pv.shape == (9, 16, 768) and pt.shape == (9, 16, 512) and prompt.rank == 4
     assert _count(prompt) == 5_284 == 4 * (9 + 2 * 16 + 768 + 512)
 
 

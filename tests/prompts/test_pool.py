@@ -49,6 +49,7 @@ def test_pull_loss_trains_the_chosen_keys_only():
 def test_layers_and_init_options():
     pool = PromptPool(5, 3, 8, 4, top_k=2, layers=6, init="normal:0.1", key_init="zero")
     assert pool.prompts.shape == (5, 6, 3, 8) and pool.keys.abs().sum() == 0
+    assert (pool.pool_size, pool.length) == (5, 3)
     assert pool.gather(torch.tensor([[4, 1]])).shape == (1, 6, 6, 8)
     assert pool.prompts.abs().max() < 1.0
     assert PromptPool(3, 1, 2, 2).prompts.abs().max() <= 1.0  # L2P's U(-1, 1)
