@@ -35,9 +35,10 @@ def manual_suffix(tiny, tokens: torch.Tensor, layers: dict[int, torch.Tensor]) -
     return torch.stack(outs)
 
 
-def test_suffix_matches_manual_splice(tiny) -> None:
+@pytest.mark.parametrize("deeper", [(2,), (1, 3)])
+def test_suffix_matches_manual_splice(tiny, deeper) -> None:
     tokens = tiny.tokenize(["a red star", "a small blue circle left of a large green square"])
-    layers = {0: torch.randn(3, tiny.text_width), 2: torch.randn(3, tiny.text_width)}
+    layers = {layer: torch.randn(3, tiny.text_width) for layer in (0, *deeper)}
     with torch.no_grad():
         ours = tiny.encode_text(tokens, PromptPlan(suffix=layers))
         reference = manual_suffix(tiny, tokens, layers)

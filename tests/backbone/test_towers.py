@@ -544,7 +544,8 @@ def test_text_pool_positions_per_pool_type(tiny, pool_type, expected):
     tokens = torch.tensor([[1, 4, 7, 9, 7], [2, 7, 3, 0, 0]])  # eos_id 7 first at 2 and 1; max id at 3 and 1
     try:
         tower.pool_type, tower.eos_id = pool_type, 7
-        assert tower.pool_positions(tokens).tolist() == expected
+        positions = tower.pool_positions(tokens)
+        assert positions.tolist() == expected and positions.dtype == torch.long  # row indices
     finally:
         tower.pool_type, tower.eos_id = saved
 
@@ -578,6 +579,7 @@ def test_towers_refuse_modules_they_cannot_loop_over():
         (False, dict(pool_type="eos", eos_id=3)),
         (True, dict(pool_type="eos", eos_id=3)),
         (True, dict(pool_type="last")),
+        (False, dict(pool_type="first")),
     ],
 )
 def test_text_tower_pools_the_token_open_clip_pools(custom, text_extra):

@@ -175,3 +175,81 @@ def test_paired_towers_of_different_depths(vision_layers, text_layers):
         _close(vis.pooled, vision(pixels).pooled)
         _close(txt.pooled, text(tokens).pooled)
     assert layers == list(range(min(vision_layers, text_layers)))
+
+
+# ---- open_clip's custom blocks, projection-less vision, gradient checkpointing -----------------------------
+
+
+def _custom_block_clip() -> torch.nn.Module:
+    """A micro CLIP whose towers are built from open_clip's ``CustomResidualAttentionBlock`` (qk-norm)."""
+    torch.manual_seed(0)
+    vision_cfg = dict(layers=2, qk_norm=True, **VISION_CFG)
+    text_cfg = dict(context_length=8, vocab_size=50, width=64, heads=2, layers=2, qk_norm=True)
+    model = open_clip.CLIP(32, vision_cfg, text_cfg).eval()
+    assert isinstance(model.transformer.resblocks[0], open_clip.transformer.CustomResidualAttentionBlock)
+    return model
+
+
+def test_custom_blocks_run_as_open_clip_runs_them_with_the_causal_and_the_plans_masks():
+    """Blocks other than the standard one are called as open_clip calls them (the tower adds the causal mask, and
+    the plan's mask on top); prefix prompts need the standard block's attention and are refused."""
+    model = _custom_block_clip()
+    vision, text = towers_module.VisionTower(model.visual), towers_module.TextTower(model)
+    tokens = torch.tensor([[1, 5, 7, 49, 0, 0, 0, 0], [1, 3, 49, 0, 0, 0, 0, 0]])
+    pixels = torch.randn(2, 3, 64, 64)
+    allowed = torch.ones(8, 8, dtype=torch.bool)
+    allowed[2:, 1] = False  # later tokens may not look at the first word
+    with torch.no_grad():
+        _close(vision(pixels).pooled, model.encode_image(pixels))
+        _close(text(tokens).pooled, model.encode_text(tokens))
+        masked = text(tokens, PromptPlan(attn_mask=allowed)).pooled
+        x = model.token_embedding(tokens) + model.positional_embedding
+        mask = towers_module.causal_mask(8, x.device, x.dtype).masked_fill(~allowed, float("-inf"))
+        for block in model.transformer.resblocks:
+            x = block(x, attn_mask=mask)
+        want = model.ln_final(x)[torch.arange(2), tokens.argmax(-1)] @ model.text_projection
+        _close(masked, want)
+        _differs(masked, text(tokens).pooled)
+        _close(text(tokens, PromptPlan(attn_mask=torch.ones(8, 8, dtype=torch.bool))).pooled, text(tokens).pooled)
+        prefix = (torch.randn(2, 64), torch.randn(2, 64))
+        with pytest.raises(NotImplementedError, match="CustomResidualAttentionBlock"):
+            text(tokens, PromptPlan(prefix={1: prefix}))
+
+
+def test_a_vision_tower_without_projection_pools_without_it():
+    """open_clip sets ``visual.proj = None`` when the head is pruned: the tower then returns the pooled width."""
+    model = _clip(2, 1)
+    model.visual.proj = None
+    tower = towers_module.VisionTower(model.visual)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = tower(pixels, return_tokens=True)
+        _close(out.pooled, model.visual(pixels))
+        assert out.pooled.shape == (2, 64)
+        _close(tower.project_tokens(out.tokens), model.visual.ln_post(out.tokens))
+
+
+def test_checkpointed_prefix_prompts_on_a_frozen_backbone_keep_their_masks_and_gradients():
+    """The usual prompt-tuning case: nothing but the prompts requires grad, so the first checkpointed block's tensor
+    inputs do not either; the prompts (passed inside the prefix tuple) and the plan's mask must still be used in the
+    forward and reached in the backward exactly as without checkpointing."""
+    model = _clip(2, 1)
+    model.requires_grad_(False)
+    tower = towers_module.VisionTower(model.visual)
+    pixels = torch.randn(2, 3, 64, 64)
+    allowed = torch.ones(5, 5, dtype=torch.bool)
+    allowed[:, 2] = False
+    allowed[2, 2] = True
+    torch.manual_seed(1)
+    key, value = torch.randn(2, 64, requires_grad=True), torch.randn(2, 64, requires_grad=True)
+    results = []
+    for enable in (False, True):
+        tower.set_grad_checkpointing(enable)
+        key.grad = value.grad = None
+        pooled = tower(pixels, PromptPlan(prefix={0: (key, value)}, attn_mask=allowed)).pooled
+        pooled.square().sum().backward()
+        results.append((pooled.detach(), key.grad.clone(), value.grad.clone()))
+    for plain, checkpointed in zip(*results, strict=True):
+        torch.testing.assert_close(checkpointed, plain, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        _differs(results[0][0], tower(pixels, PromptPlan(prefix={0: (key, value)})).pooled)

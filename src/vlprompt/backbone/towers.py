@@ -70,7 +70,7 @@ def run_block(
     is_causal: bool = False,
 ) -> Tensor:
     """One residual attention block on ``x`` ``[B, L, D]`` with optional key/value prefix tokens."""
-    if not isinstance(block, ResidualAttentionBlock) or getattr(block, "ln_1_kv", None) is not None:
+    if not isinstance(block, ResidualAttentionBlock):  # e.g. open_clip's custom blocks (qk-norm, scaled cosine)
         if prefix is not None:
             raise NotImplementedError(f"prefix prompts need standard attention blocks, not {type(block).__name__}")
         if is_causal:
@@ -167,21 +167,20 @@ class _Tower(nn.Module):
         self,
         x: Tensor,
         plan: PromptPlan,
-        base_mask: Tensor | None,
         is_causal: bool,
         before_block: Callable[[int, Tensor], Tensor] | None = None,
     ) -> Tensor:
-        mask = self._check(plan, base_mask, x.dtype)
+        mask = self._check(plan, x.dtype)
         for layer in range(self.num_layers):
             x = self._enter(layer, x, plan, before_block)
             x = self._block(layer, x, plan, mask, is_causal)
         return x
 
-    def _check(self, plan: PromptPlan, base_mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    def _check(self, plan: PromptPlan, dtype: torch.dtype) -> Tensor | None:
         """The attention mask of every block, once ``plan`` is known to fit this tower."""
         if plan.max_layer() >= self.num_layers:
             raise ValueError(f"prompt plan touches layer {plan.max_layer()}, tower has {self.num_layers} blocks")
-        return combine_masks(base_mask, plan.attn_mask, dtype=dtype)
+        return combine_masks(plan.attn_mask, dtype=dtype)
 
     def _enter(
         self, layer: int, x: Tensor, plan: PromptPlan, before_block: Callable[[int, Tensor], Tensor] | None = None
@@ -243,7 +242,7 @@ class VisionTower(_Tower):
         x = self.embed(images, plan)
         if plan.global_tokens is not None:
             return self._global_local(x, plan, frames, return_tokens)
-        x = self._run_blocks(x, plan, None, is_causal=False)
+        x = self._run_blocks(x, plan, is_causal=False)
         pooled = self.project(x)
         if frames:
             pooled = pooled.unflatten(0, (-1, frames))
@@ -329,7 +328,7 @@ class TextTower(_Tower):
         """Encode token ids ``[B, L]`` under ``plan``."""
         plan = plan or PromptPlan()
         x, positions, before_block = self._begin(tokens, plan, return_tokens)
-        x = self._run_blocks(x, plan, None, is_causal=self.causal, before_block=before_block)
+        x = self._run_blocks(x, plan, is_causal=self.causal, before_block=before_block)
         return self._end(x, positions, return_tokens)
 
     def _begin(
@@ -406,8 +405,8 @@ def run_paired(
         raise ValueError("paired towers do not take global video tokens")
     xv = vision.embed(images, vplan)
     xt, positions, before_text = text._begin(tokens, tplan)
-    vmask = vision._check(vplan, None, xv.dtype)
-    tmask = text._check(tplan, None, xt.dtype)
+    vmask = vision._check(vplan, xv.dtype)
+    tmask = text._check(tplan, xt.dtype)
     shared = min(vision.num_layers, text.num_layers)
     for layer in range(max(vision.num_layers, text.num_layers)):
         if layer < vision.num_layers:
