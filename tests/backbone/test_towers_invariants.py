@@ -253,3 +253,37 @@ def test_checkpointed_prefix_prompts_on_a_frozen_backbone_keep_their_masks_and_g
         torch.testing.assert_close(checkpointed, plain, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         _differs(results[0][0], tower(pixels, PromptPlan(prefix={0: (key, value)})).pooled)
+
+
+def test_reduced_precision_vision_casts_images_embeddings_and_prompts_to_the_blocks_dtype():
+    """With ``bf16`` precision the patch convolution and blocks are bf16 while the class and positional embeddings
+    stay float32: float32 images, embeddings and prefix prompts are all cast to the convolution's dtype."""
+    torch.manual_seed(0)
+    bb = vlprompt.load_backbone("vlprompt-tiny", pretrained=None, precision="bf16").eval()
+    v = bb.model.visual
+    assert v.conv1.weight.dtype == torch.bfloat16 and v.class_embedding.dtype == torch.float32
+    pixels = torch.randn(2, 3, bb.image_size, bb.image_size)
+    prefix = {1: (torch.randn(2, bb.vision_width), torch.randn(2, bb.vision_width))}
+    with torch.no_grad():
+        out, want = bb.vision(pixels).pooled, v(pixels.bfloat16())
+        prompted = bb.vision(pixels, PromptPlan(prefix=prefix)).pooled
+    assert out.dtype == prompted.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), atol=0.1, rtol=0.05)
+    _differs(prompted.float(), out.float())
+
+
+def test_attention_dropout_is_applied_in_training_only():
+    """A block's attention dropout (0 in open_clip's models, settable) acts in train mode and never in eval."""
+    model = _clip(1, 1)
+    block = model.visual.transformer.resblocks[0]
+    block.attn.dropout = 0.5
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        block.eval()
+        evaluated = towers_module.run_block(block, x)
+        block.attn.dropout = 0.0
+        _close(evaluated, towers_module.run_block(block, x))
+        block.attn.dropout = 0.5
+        block.train()
+        torch.manual_seed(0)
+        _differs(towers_module.run_block(block, x), evaluated)
