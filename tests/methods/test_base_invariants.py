@@ -84,6 +84,18 @@ def test_word_embeddings_are_the_first_n_word_tokens(tiny):
         method.word_embeddings("a photo", 3)
 
 
+def test_words_that_fill_the_context_without_an_end_token_all_count(tiny, monkeypatch):
+    """A tokenizer that truncates away the end token: every position after the start token is a word."""
+    method = build_method({"name": "zeroshot"}, tiny)
+    sot, eot = tiny.tokenize([""])[0, :2].tolist()
+    full = torch.tensor([[sot, 320, 1125, 539, 320]])  # "a photo of a", no end token
+    monkeypatch.setattr(tiny, "tokenize", lambda texts: full if texts[0] else torch.tensor([[sot, eot, 0, 0, 0]]))
+    with torch.no_grad():
+        torch.testing.assert_close(method.word_embeddings("a photo of a", 4), tiny.text.token_embedding(full[0, 1:]))
+    with pytest.raises(ConfigError, match="has 4 word tokens"):
+        method.word_embeddings("a photo of a", 5)
+
+
 @pytest.mark.parametrize("name", ["coop", "maple", "tpt"])
 @pytest.mark.parametrize("pool_type", ["argmax", "last"])
 def test_too_short_init_words_are_refused_whatever_token_the_tower_pools(name, pool_type):
