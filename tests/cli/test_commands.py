@@ -32,7 +32,9 @@ def test_train_then_eval_run_dir(image_text_set: Path, tmp_path: Path, capsys) -
 
 def test_params_json(image_text_set: Path, tmp_path: Path, capsys) -> None:
     cfg = _write_config(tmp_path / "c.yaml", image_text_set, tmp_path / "runs")
-    assert main(["params", str(cfg), "method.n_ctx=8", "--json"]) == 0
+    assert main(["params", str(cfg), "method.n_ctx=8", "--json"]) == 2  # longer than the recipe's init phrase
+    assert "method.ctx_init=''" in capsys.readouterr().err
+    assert main(["params", str(cfg), "method.n_ctx=8", "method.ctx_init=''", "--json"]) == 0
     counts = json.loads(capsys.readouterr().out)
     assert counts["trainable"] == 8 * 128
     assert counts["total"] > counts["trainable"]

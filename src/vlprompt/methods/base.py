@@ -152,6 +152,9 @@ class Method(nn.Module):
         ends = (tokens[1:] == end_token).nonzero()
         n_words = int(ends[0]) if len(ends) else len(tokens) - 1
         if n_words < n:
-            raise ConfigError(f"ctx_init {words!r} has {n_words} word tokens, fewer than n_ctx={n}")
+            raise ConfigError(
+                f"ctx_init {words!r} has {n_words} word tokens, fewer than n_ctx={n}: give a longer method.ctx_init, "
+                "or method.ctx_init='' for a random context"
+            )
         with torch.no_grad():
             return self.backbone.text.token_embedding(tokens[1 : 1 + n]).float()
