@@ -287,3 +287,31 @@ def test_attention_dropout_is_applied_in_training_only():
         block.train()
         torch.manual_seed(0)
         _differs(towers_module.run_block(block, x), evaluated)
+
+
+def test_plans_without_a_start_use_the_towers_first_position_and_explicit_starts_stay():
+    """``start=None`` means the tower's first content position (after CLS; the first word, 0 for tokenizers without
+    a start token); an explicit start is absolute. Paired runs and the detector's token drop resolve it alike."""
+    from vlprompt.backbone.detector import drop_inserted
+
+    bb = vlprompt.load_backbone("vlprompt-tiny", pretrained=None).eval()
+    torch.manual_seed(3)
+    tokens = bb.tokenize(["x x a dog", "x x two red stars"])
+    ctx, vis = torch.randn(2, bb.text_width), torch.randn(2, bb.vision_width)
+    pixels = torch.randn(2, 3, bb.image_size, bb.image_size)
+    with torch.no_grad():
+        assert bb.vision.first_position == bb.text.first_position == 1
+        text = {s: bb.text(tokens, PromptPlan(replace={0: ctx}, start=s)).pooled for s in (None, 0, 1)}
+        _close(text[None], text[1])
+        _differs(text[0], text[1])
+        explicit = PromptPlan(insert=vis, add={1: vis}, start=1)
+        _close(bb.vision(pixels, PromptPlan(insert=vis, add={1: vis})).pooled, bb.vision(pixels, explicit).pooled)
+        x = torch.arange(5.0).view(1, 5, 1)
+        assert drop_inserted(x, PromptPlan(insert=torch.zeros(2, 1)))[0, :, 0].tolist() == [0.0, 3.0, 4.0]
+        bb.text.first_position = 0
+        _close(bb.text(tokens, PromptPlan(replace={0: ctx})).pooled, text[0])
+        _close(bb.text(tokens, PromptPlan(replace={0: ctx}, start=1)).pooled, text[1])
+        tplan = PromptPlan(replace={0: ctx}, add={1: ctx})
+        _, paired = towers_module.run_paired(bb.vision, bb.text, pixels, tokens, None, tplan, _neutral)
+        _close(paired.pooled, bb.text(tokens, tplan).pooled)
+        _differs(paired.pooled, bb.text(tokens, PromptPlan(replace={0: ctx}, add={1: ctx}, start=1)).pooled)

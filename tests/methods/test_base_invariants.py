@@ -150,3 +150,48 @@ def test_options_default_and_video_training_reads_the_mask(tiny):
         loss = method(video, tokens, mask)
         want = ClipLoss()(method.encode_video(video, mask), method.encode_text(tokens), tiny.logit_scale)
     torch.testing.assert_close(loss, want)
+
+
+def _start_tokenless() -> vlprompt.Backbone:
+    """A SigLIP-style micro CLIP: last-token pooling, full attention, and a tokenizer without a start token."""
+    import open_clip
+
+    torch.manual_seed(0)
+    text = {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2, "pool_type": "last",
+            "no_causal_mask": True}  # fmt: skip
+    vision = {"image_size": 32, "layers": 1, "width": 64, "head_width": 32, "patch_size": 16}
+    model = open_clip.CLIP(32, vision, text).eval()
+    clip_tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+
+    def tokenizer(texts, context_length=None):
+        tokens = clip_tokenizer(texts, context_length=context_length)
+        return torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)  # no start-of-text
+
+    return vlprompt.Backbone(model, tokenizer)
+
+
+def test_text_prompts_go_to_the_first_word_of_tokenizers_without_a_start_token():
+    """With no start-of-text token the words begin at position 0: CoOp's context replaces the placeholders there
+    (not the first real word) and ``ctx_init`` reads the first words from there."""
+    from vlprompt.backbone.backbone import first_word_position
+
+    bb = _start_tokenless()
+    assert bb.text.first_position == first_word_position(bb.tokenizer) == 0
+    assert vlprompt.load_backbone("vlprompt-tiny", pretrained=None).text.first_position == 1  # CLIP's start token
+    method = build_method({"name": "coop", "n_ctx": 2, "ctx_init": "a photo of a"}, bb)
+    tokens = method.tokenize(["a red square"])
+    assert torch.equal(tokens, bb.tokenizer(["X X a red square"]))
+    with torch.no_grad():
+        words = bb.tokenizer(["a photo of a"])[0, :2]
+        torch.testing.assert_close(method.context.ctx, bb.text.token_embedding(words).float())
+        ctx = torch.randn(2, 64)
+        method.context.ctx.copy_(ctx)
+        got = method.encode_text(tokens)
+        m = bb.model
+        x = torch.cat([ctx[None], m.token_embedding(tokens)[:, 2:]], dim=1) + m.positional_embedding
+        for block in m.transformer.resblocks:
+            x = block(x)
+        want = F.normalize(m.ln_final(x)[:, -1] @ m.text_projection, dim=-1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="has 2 word tokens"):
+        method.word_embeddings("a photo", 3)

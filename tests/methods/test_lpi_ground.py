@@ -93,7 +93,7 @@ def test_prompts_enter_inserted_after_the_first_token_then_added():
     pv, pt = m.task_prompts(0)
     plans = m.task_plans(0)
     assert torch.equal(plans.image.insert, pv[0]) and torch.equal(plans.text.insert, pt[0])
-    assert plans.image.start == 1 and plans.text.start == 1
+    assert plans.image.start is None and plans.text.start is None  # after CLS / start-of-text
     assert sorted(plans.image.add) == [1, 2, 3] and sorted(plans.text.add) == [1, 2, 3]
     assert torch.equal(plans.image.add[3], pv[3]) and torch.equal(plans.text.add[2], pt[2])
     assert not plans.image.replace and not plans.text.replace

@@ -74,7 +74,7 @@ def test_slice_0_is_inserted_and_deeper_slices_replace():
     pv, pt = m.task_prompts(0)
     plans = m.task_plans(0)
     assert torch.equal(plans.image.insert, pv[0]) and torch.equal(plans.text.insert, pt[0])
-    assert plans.image.insert_before_ln_pre and plans.image.start == plans.text.start == 1
+    assert plans.image.insert_before_ln_pre and plans.image.start is plans.text.start is None
     assert sorted(plans.image.replace) == sorted(plans.text.replace) == [1, 2]
     assert torch.equal(plans.image.replace[2], pv[2]) and torch.equal(plans.text.replace[1], pt[1])
     assert not plans.image.add and not plans.text.add

@@ -229,7 +229,7 @@ def test_vpt_deep_inserts_layer_0_tokens_after_ln_pre_and_replaces_them_at_every
     tokens = method.prompts.tokens
     assert plans.text is None
     image = plans.image
-    assert torch.equal(image.insert, tokens[0]) and image.start == 1 and not image.insert_before_ln_pre
+    assert torch.equal(image.insert, tokens[0]) and image.start is None and not image.insert_before_ln_pre
     assert sorted(image.replace) == list(range(1, layers)) and not image.add
     for layer in range(1, layers):
         assert torch.equal(image.replace[layer], tokens[layer])
@@ -242,7 +242,7 @@ def test_coop_replaces_the_placeholder_words_at_text_layer_0_only(tiny_shared):
     plans = method.plans()
     assert plans.image is None and method.n_placeholders == 3
     assert list(plans.text.replace) == [0] and plans.text.insert is None and not plans.text.add
-    assert torch.equal(plans.text.replace[0], method.context.ctx) and plans.text.start == 1
+    assert torch.equal(plans.text.replace[0], method.context.ctx) and plans.text.start is None
 
 
 def test_maple_couples_each_layers_vision_prompts_to_its_text_prompts(tiny_shared):

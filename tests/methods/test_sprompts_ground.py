@@ -65,7 +65,7 @@ def test_slice_0_is_inserted_after_the_first_token_of_both_towers():
     pv, pt = m.task_prompts(1)
     plans = m.task_plans(1)
     assert torch.equal(plans.image.insert, pv[0]) and torch.equal(plans.text.insert, pt[0])
-    assert plans.image.start == plans.text.start == 1 and plans.image.insert_before_ln_pre
+    assert plans.image.start is plans.text.start is None and plans.image.insert_before_ln_pre
     assert not plans.image.add and not plans.image.replace and not plans.text.add and not plans.text.replace
     deeper = _method(depth=3).task_plans(0)  # depth > 1 adds the deeper free slices
     assert sorted(deeper.image.add) == [1, 2] and not deeper.image.replace

@@ -31,7 +31,9 @@ class Backbone(nn.Module):
         preprocess_val: Callable | None = None,
         name: str = "",
         pretrained: str | None = None,
+        first_word: int | None = None,
     ) -> None:
+        """``first_word``: where the tokenizer puts a text's first word (read from the tokenizer when None)."""
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -41,6 +43,7 @@ class Backbone(nn.Module):
         self.pretrained = pretrained
         self.vision = VisionTower(model.visual)
         self.text = TextTower(model)
+        self.text.first_position = first_word_position(tokenizer) if first_word is None else first_word
 
     # ---- facts about the architecture -------------------------------------------------------
     @property
@@ -119,6 +122,13 @@ class Backbone(nn.Module):
         self.text.set_grad_checkpointing(enable)
 
 
+def first_word_position(tokenizer: Callable[..., Tensor]) -> int:
+    """Where ``tokenizer`` puts a text's first word: 1 behind a start-of-text token (CLIP's), 0 where there is
+    none (SigLIP's). Text prompts (CoOp's context, inserted tokens) go there."""
+    empty, word = tokenizer(["", "a"])
+    return int((empty != word).nonzero()[0])
+
+
 def load_backbone(
     name: str = "vlprompt-tiny",
     pretrained: str | None = None,
@@ -141,5 +151,6 @@ def load_backbone(
             tokenizer = open_clip.get_tokenizer(name)
     except Exception as err:  # hub tokenizers need their config files, which may not be on this machine
         raise WeightsUnavailableError(f"could not load the tokenizer of {name}: {err}") from err
+    first_word = first_word_position(tokenizer)  # before the watch, which would count these texts
     tokenizer = watch_vocabulary(tokenizer, model, name)  # a world-vocabulary model warns on text it cannot read
-    return Backbone(model, tokenizer, pre_train, pre_val, name=name, pretrained=pretrained)
+    return Backbone(model, tokenizer, pre_train, pre_val, name=name, pretrained=pretrained, first_word=first_word)

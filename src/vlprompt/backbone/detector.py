@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from vlprompt.backbone.backbone import Backbone
 from vlprompt.backbone.plan import PromptPlan
-from vlprompt.backbone.towers import run_paired
+from vlprompt.backbone.towers import VisionTower, run_paired
 
 #: OWL-ViT's ``log(x + eps) - log1p(-x + eps)`` (an inverse sigmoid kept finite at 0 and 1).
 BOX_BIAS_EPS = 1e-4
@@ -145,7 +145,8 @@ def drop_inserted(tokens: Tensor, plan: PromptPlan | None) -> Tensor:
     n = plan.num_inserted if plan is not None else 0
     if not n:
         return tokens
-    return torch.cat((tokens[:, : plan.start], tokens[:, plan.start + n :]), dim=1)
+    start = plan.at(VisionTower.first_position).start
+    return torch.cat((tokens[:, :start], tokens[:, start + n :]), dim=1)
 
 
 class Detector(nn.Module):

@@ -11,7 +11,7 @@ learned context); everywhere else operations act on hidden states.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -31,7 +31,9 @@ class PromptPlan:
             prepended to keys and values only (L2P, DualPrompt, CODA-Prompt); ``[n, D]`` or ``[B, n, D]``.
         attn_mask: extra mask over the final sequence (after insertion): bool (True = may attend) or
             additive float, shape ``[L, L]`` or ``[B, L, L]``; combined with the tower's own mask.
-        start: first position the prompt tokens occupy (1 = right after CLS / start-of-text).
+        start: first position the prompt tokens occupy; None (the default) is the tower's first content position:
+            right after CLS for vision, the first word for text (1 after a start-of-text token, 0 where the
+            tokenizer has none, as SigLIP's).
         insert_before_ln_pre: vision only; insert before ``ln_pre`` as MaPLe/IVLP do (after it by default,
             as VPT, LPI and DGL do).
         suffix: text only; ``layer -> tokens`` placed right before each row's end-of-text token: inserted at
@@ -47,7 +49,7 @@ class PromptPlan:
     add: dict[int, Tensor] = field(default_factory=dict)
     prefix: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     attn_mask: Tensor | None = None
-    start: int = 1
+    start: int | None = None
     insert_before_ln_pre: bool = False
     suffix: dict[int, Tensor] = field(default_factory=dict)
     global_tokens: Tensor | None = None
@@ -60,6 +62,10 @@ class PromptPlan:
     def is_empty(self) -> bool:
         """True when the plan changes nothing."""
         return self.insert is None and not self.replace and not self.add and not self.prefix and self.attn_mask is None
+
+    def at(self, first_position: int) -> PromptPlan:
+        """This plan with ``start`` resolved: ``first_position`` (the tower's) unless the plan sets its own."""
+        return self if self.start is not None else replace(self, start=first_position)
 
     def max_layer(self) -> int:
         """Deepest layer the plan touches (-1 for none)."""

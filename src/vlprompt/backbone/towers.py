@@ -150,6 +150,9 @@ class _Tower(nn.Module):
     """Shared per-block loop; subclasses prepare the sequence and pool it."""
 
     blocks: nn.ModuleList
+    # Where a plan without its own ``start`` puts prompt tokens: right after CLS / start-of-text. The Backbone sets
+    # the text tower's from its tokenizer (0 for tokenizers without a start token).
+    first_position: int = 1
 
     def __init__(self) -> None:
         super().__init__()
@@ -220,6 +223,7 @@ class VisionTower(_Tower):
 
     def embed(self, images: Tensor, plan: PromptPlan | None = None) -> Tensor:
         """Patch + class + positional embeddings, with layer-0 inserted prompts; ``[B, L, D]``."""
+        plan = plan.at(self.first_position) if plan is not None else None
         v = self.visual
         x = v.conv1(images.to(v.conv1.weight.dtype))
         x = x.flatten(2).transpose(1, 2)
@@ -238,7 +242,7 @@ class VisionTower(_Tower):
         frames = images.shape[1] if images.dim() == 5 else 0
         if frames:
             images = images.flatten(0, 1)
-        plan = plan or PromptPlan()
+        plan = (plan or PromptPlan()).at(self.first_position)
         x = self.embed(images, plan)
         if plan.global_tokens is not None:
             return self._global_local(x, plan, frames, return_tokens)
@@ -326,7 +330,7 @@ class TextTower(_Tower):
 
     def forward(self, tokens: Tensor, plan: PromptPlan | None = None, return_tokens: bool = False) -> TowerOutput:
         """Encode token ids ``[B, L]`` under ``plan``."""
-        plan = plan or PromptPlan()
+        plan = (plan or PromptPlan()).at(self.first_position)
         x, positions, before_block = self._begin(tokens, plan, return_tokens)
         x = self._run_blocks(x, plan, is_causal=self.causal, before_block=before_block)
         return self._end(x, positions, return_tokens)
@@ -400,7 +404,8 @@ def run_paired(
     if images.dim() != 4 or images.shape[0] != tokens.shape[0]:
         raise ValueError(f"paired towers need images [B, 3, H, W] and tokens [B, L] of one batch, got "
                          f"{tuple(images.shape)} and {tuple(tokens.shape)}")  # fmt: skip
-    vplan, tplan = vision_plan or PromptPlan(), text_plan or PromptPlan()
+    vplan = (vision_plan or PromptPlan()).at(vision.first_position)
+    tplan = (text_plan or PromptPlan()).at(text.first_position)
     if vplan.global_tokens is not None:
         raise ValueError("paired towers do not take global video tokens")
     xv = vision.embed(images, vplan)

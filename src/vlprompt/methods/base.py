@@ -144,17 +144,19 @@ class Method(nn.Module):
     def word_embeddings(self, words: str, n: int) -> Tensor:
         """Embeddings of the first ``n`` word tokens of ``words`` (CoOp's context init).
 
-        Where the words end is read from the tokens (the first token that also follows the start token of an
-        empty text), not from the tower's pooled position: a last-token-pooled tower pools padding.
+        The words start at the text tower's first position (behind the start token, where the tokenizer has one)
+        and end where an empty text has its first token after that position (end-of-text or padding); not at the
+        tower's pooled position: a last-token-pooled tower pools padding.
         """
+        first = self.backbone.text.first_position
         tokens = self.backbone.tokenize([words])[0]
-        end_token = self.backbone.tokenize([""])[0, 1]
-        ends = (tokens[1:] == end_token).nonzero()
-        n_words = int(ends[0]) if len(ends) else len(tokens) - 1
+        end_token = self.backbone.tokenize([""])[0, first]
+        ends = (tokens[first:] == end_token).nonzero()
+        n_words = int(ends[0]) if len(ends) else len(tokens) - first
         if n_words < n:
             raise ConfigError(
                 f"ctx_init {words!r} has {n_words} word tokens, fewer than n_ctx={n}: give a longer method.ctx_init, "
                 "or method.ctx_init='' for a random context"
             )
         with torch.no_grad():
-            return self.backbone.text.token_embedding(tokens[1 : 1 + n]).float()
+            return self.backbone.text.token_embedding(tokens[first : first + n]).float()
