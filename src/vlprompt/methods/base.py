@@ -145,7 +145,7 @@ class Method(nn.Module):
         """Embeddings of the first ``n`` word tokens of ``words`` (CoOp's context init).
 
         The words start at the text tower's first position (behind the start token, where the tokenizer has one)
-        and end where an empty text has its first token after that position (end-of-text or padding); not at the
+        and end at the first token equal to the one an empty text has there (end-of-text or padding); not at the
         tower's pooled position: a last-token-pooled tower pools padding.
         """
         first = self.backbone.text.first_position
