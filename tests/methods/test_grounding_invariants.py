@@ -120,17 +120,23 @@ def test_predict_takes_exactly_one_expression_per_image():
         m.predict(images(), tokens[:2, None], SIZES)  # one row per image, but [B, 1, L]
 
 
+def _predicts_as_ground_with(m, imgs, tokens, plans, effect: float):
+    """``predict(plans=...)`` scores are ground()'s with those plans, sorted; the plans change the logits."""
+    pred = m.predict(imgs, tokens, SIZES, k=3, plans=plans)
+    with torch.no_grad():
+        want = m.ground(imgs, tokens, plans).logits[..., 0]
+        without = m.ground(imgs, tokens).logits[..., 0]
+    torch.testing.assert_close(pred.scores, want.sort(dim=-1, descending=True, stable=True).values[:, :3])
+    assert (want - without).abs().max() > effect
+    return pred
+
+
 def test_predict_answers_with_the_plans_it_is_given():
     m = GroundingMethod(tiny())
     imgs, tokens = images(), m.tokenize(EXPRESSIONS)
     torch.manual_seed(4)
     plans = Plans(image=PromptPlan(insert=torch.randn(2, m.backbone.vision_width)))
-    pred = m.predict(imgs, tokens, SIZES, k=3, plans=plans)
-    with torch.no_grad():
-        want = m.ground(imgs, tokens, plans).logits[..., 0]
-        plain = m.ground(imgs, tokens).logits[..., 0]
-    torch.testing.assert_close(pred.scores, want.sort(dim=-1, descending=True, stable=True).values[:, :3])
-    assert (want - plain).abs().max() > 1e-3
+    _predicts_as_ground_with(m, imgs, tokens, plans, effect=1e-3)
 
 
 def test_clipping_bounds_x_by_the_width_and_y_by_the_height():
@@ -297,13 +303,7 @@ def test_a_task_method_predicts_with_the_plans_it_is_given():
     m = _lpi()
     imgs, tokens = images(), m.tokenize(EXPRESSIONS)
     plans = m.task_plans(1)  # the current task is 0
-    pred = m.predict(imgs, tokens, SIZES, k=3, plans=plans)
-    assert pred.tasks is None
-    with torch.no_grad():
-        want = m.ground(imgs, tokens, plans).logits[..., 0]
-        current = m.ground(imgs, tokens).logits[..., 0]
-    torch.testing.assert_close(pred.scores, want.sort(dim=-1, descending=True, stable=True).values[:, :3])
-    assert (want - current).abs().max() > 1e-4
+    assert _predicts_as_ground_with(m, imgs, tokens, plans, effect=1e-4).tasks is None
 
 
 def test_l2p_ground_passes_a_coupling_on_with_its_pool_prompts():
